@@ -1,0 +1,1 @@
+"""Data: manifests, video decoding, buckets, the latent cache and Shapes World."""

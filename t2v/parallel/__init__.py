@@ -1,0 +1,1 @@
+"""Distribution, applied to finished single-device models."""

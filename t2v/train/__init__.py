@@ -1,0 +1,1 @@
+"""Training: typed config, flow matching, the DiT and VAE loops, checkpoints."""
