@@ -1,0 +1,237 @@
+"""Typed training configuration.
+
+The dataclasses below are the schema and hold every default. A YAML file only overrides them, and
+command-line `key=value` strings override the YAML; both go through OmegaConf's structured, struct
+mode, so a misspelt key is an error naming it. The resolved config is written into the run folder.
+
+    cfg = load_config("configs/train/debug.yaml", ["train.max_steps=40", "data.manifest=clips.csv"])
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+SOURCES = ("manifest", "cache", "shapes")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("bf16", "fp32", "fp16")
+BACKENDS = ("none", "ddp", "deepspeed")
+RECONSTRUCTION_LOSSES = ("l1", "l2")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value!r} must be in [{low}, {high}]")
+
+
+@dataclass
+class ModelConfig:
+    # DiT: a preset name ("tiny" -> configs/model/dit_tiny.yaml), a YAML of constructor arguments, or a
+    # save_pretrained folder.
+    dit: str = "tiny"
+    # VAE: a preset name, a YAML, a CausalVideoVAE folder or a diffusers AutoencoderKLWan folder.
+    vae: str = "tiny"
+    # Text encoders: "minilm", "tiny-random", a local path or a hub id; text_encoder_2 "" = none.
+    text_encoder: str = "tiny-random"
+    text_encoder_2: str = ""
+    max_text_length: int = 77
+    gradient_checkpointing: bool = False
+    # LoRA rank; 0 trains the full model.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0 means alpha = rank
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # Parameter-name prefixes to train (on top of LoRA weights when lora_rank > 0); [] = all (or only LoRA).
+    trainable: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.lora_rank < 0:
+            raise ValueError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tune)")
+        if self.max_text_length < 1:
+            raise ValueError(f"model.max_text_length={self.max_text_length} must be >= 1")
+
+
+@dataclass
+class BucketConfig:
+    frames: int = 17
+    height: int = 64
+    width: int = 64
+    batch_size: int = 2
+
+
+@dataclass
+class DataConfig:
+    source: str = "manifest"  # manifest | cache | shapes
+    manifest: str = ""  # CSV/JSONL with path, caption columns
+    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> manifest column
+    cache: str = ""  # LatentCache folder (source=cache)
+    frames: int = 17
+    height: int = 64
+    width: int = 64
+    fps: float = 8.0
+    # Shape buckets; [] = one bucket of (frames, height, width, batch_size).
+    buckets: list[BucketConfig] = field(default_factory=list)
+    batch_size: int = 2
+    caption_dropout: float = 0.1
+    num_workers: int = 0
+    # Shapes World stream (source=shapes): share of canonical captions (the rest paraphrased).
+    canonical_prob: float = 0.5
+    # Share of 1-frame (image) batches in VAE training with source=shapes.
+    image_batch_prob: float = 0.0
+
+    def __post_init__(self):
+        _check_choice("data.source", self.source, SOURCES)
+        _check_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
+        _check_range("data.canonical_prob", self.canonical_prob, 0.0, 1.0)
+        _check_range("data.image_batch_prob", self.image_batch_prob, 0.0, 1.0)
+        for name in ("frames", "height", "width", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    seed: int = 0
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine | linear (after warm-up)
+    grad_clip: float = 1.0  # 0 = no clipping
+    grad_accum: int = 1
+    ema_decay: float = 0.0  # 0 = no EMA
+    mixed_precision: str = "bf16"  # bf16 | fp32 (| fp16 on CUDA only)
+    log_every: int = 10
+    ckpt_every: int = 500  # 0 = only at the end
+    keep_last: int = 3
+    validate_every: int = 0  # 0 = never
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 20
+    validation_guidance_scale: float = 5.0
+    max_nonfinite_steps: int = 10
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ValueError(f"train.max_steps={self.max_steps} must be >= 1")
+        if len(self.betas) != 2:
+            raise ValueError(f"train.betas={list(self.betas)} must have exactly two values")
+        _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+        for name in ("grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "ckpt_every", "validate_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass
+class FlowConfig:
+    # Training sigmas: sigmoid(N(logit_mean, logit_std)), then shifted by shift*s / (1 + (shift-1)*s).
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    # dynamic_shift: shift = exp(mu), mu linear in the latent token count through (base_seq_len,
+    # base_shift) and (max_seq_len, max_shift) as Flux/SD3's calculate_shift; else the fixed `shift`.
+    dynamic_shift: bool = True
+    shift: float = 1.0
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+    def __post_init__(self):
+        if self.logit_std <= 0:
+            raise ValueError(f"flow.logit_std={self.logit_std} must be > 0")
+        if self.shift <= 0:
+            raise ValueError(f"flow.shift={self.shift} must be > 0")
+        if self.max_seq_len <= self.base_seq_len:
+            raise ValueError(f"flow.max_seq_len={self.max_seq_len} must exceed flow.base_seq_len={self.base_seq_len}")
+
+
+@dataclass
+class VAELossConfig:
+    reconstruction: str = "l1"  # l1 | l2
+    temporal_weight: float = 0.5  # weight of the frame-difference reconstruction term
+    kl_weight: float = 1e-6
+    eval_batches: int = 2  # held-out batches for PSNR / SSIM
+    stats_batches: int = 4  # batches whose latents set scaling_factor / shift_factor
+
+    def __post_init__(self):
+        _check_choice("vae_loss.reconstruction", self.reconstruction, RECONSTRUCTION_LOSSES)
+        if self.temporal_weight < 0 or self.kl_weight < 0:
+            raise ValueError(
+                f"vae_loss weights temporal_weight={self.temporal_weight}, kl_weight={self.kl_weight} must be >= 0"
+            )
+        if self.stats_batches < 1:
+            raise ValueError(f"vae_loss.stats_batches={self.stats_batches} must be >= 1")
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "none"  # none | ddp | deepspeed
+    zero_stage: int = 0
+    sequence_parallel_size: int = 1
+
+    def __post_init__(self):
+        _check_choice("distributed.backend", self.backend, BACKENDS)
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"distributed.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.sequence_parallel_size < 1:
+            raise ValueError(f"distributed.sequence_parallel_size={self.sequence_parallel_size} must be >= 1")
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/debug"
+    resume: str = ""  # "" = fresh start, "latest" = newest complete checkpoint in output_dir, or a path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("output_dir is empty; give the run folder")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, checked against the schema; returns a `Config`."""
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema, True)
+    layers = []
+    if path:
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} does not exist")
+        layers.append((path, OmegaConf.load(path)))
+    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
+    if bad:
+        raise ValueError(f"overrides {bad} must have the form key=value")
+    layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    merged = schema
+    for origin, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except (ConfigKeyError, ConfigAttributeError) as e:
+            raise ValueError(f"unknown config key {e.full_key!r} in {origin}") from e
+        except OmegaConfBaseException as e:
+            raise ValueError(f"bad config value for {e.full_key!r} in {origin}: {str(e).splitlines()[0]}") from e
+    return OmegaConf.to_object(merged)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML (loadable again by `load_config`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), path)

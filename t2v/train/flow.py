@@ -1,0 +1,72 @@
+"""Rectified-flow training objective: x_t = (1 - sigma) x0 + sigma eps, velocity target eps - x0.
+
+Small pure functions, so each piece can be checked by hand. The model sees timestep = sigma * 1000.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_logit_normal(
+    batch_size: int, mean: float, std: float, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """sigma = sigmoid(N(mean, std^2)), one per sample: (B,) in (0, 1), fp32."""
+    normal = torch.randn(batch_size, generator=generator, device=device, dtype=torch.float32)
+    return torch.sigmoid(mean + std * normal)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """sigma' = shift * s / (1 + (shift - 1) * s); shift > 1 moves mass towards noise."""
+    if shift <= 0:
+        raise ValueError(f"shift {shift} must be > 0")
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def dynamic_shift(
+    seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15
+) -> float:
+    """exp(mu), mu linear in the token count through (base_seq_len, base_shift), (max_seq_len, max_shift).
+
+    The same line as Flux/SD3's `calculate_shift`; longer or larger videos get a larger shift.
+    """
+    if max_seq_len <= base_seq_len:
+        raise ValueError(f"max_seq_len {max_seq_len} must exceed base_seq_len {base_seq_len}")
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    mu = base_shift + slope * (seq_len - base_seq_len)
+    return math.exp(mu)
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, target): x_t = (1 - sigma) x0 + sigma noise, target = noise - x0; sigmas (B,) broadcast."""
+    sigma = sigmas.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)  # (B, 1, 1, 1, 1)
+    x_t = (1 - sigma) * x0 + sigma * noise
+    return x_t, noise - x0
+
+
+def flow_matching_loss(
+    model_fn: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor | None = None,
+    pooled_projections: torch.Tensor | None = None,
+    *,
+    shift: float = 1.0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MSE (in fp32) between the predicted and true velocity at a logit-normal, shifted sigma.
+
+    `model_fn(x_t, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections)` returns
+    the velocity (B, C, T, H, W); x0 are normalised clean latents (B, C, T, H, W).
+    """
+    sigmas = shift_sigmas(sample_logit_normal(x0.shape[0], logit_mean, logit_std, generator, x0.device), shift)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t, target = interpolate(x0, noise, sigmas)
+    prediction = model_fn(x_t, sigmas * 1000, encoder_hidden_states, encoder_attention_mask, pooled_projections)
+    return F.mse_loss(prediction.float(), target.float())

@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from t2v.train.flow import dynamic_shift, flow_matching_loss, interpolate, sample_logit_normal, shift_sigmas
+
+
+def test_shift_formula_by_hand():
+    sigmas = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    # shift 3: 3s / (1 + 2s) -> 0, 0.75/1.5, 1.5/2, 1
+    assert torch.allclose(shift_sigmas(sigmas, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))
+    assert torch.equal(shift_sigmas(sigmas, 1.0), sigmas)
+    with pytest.raises(ValueError, match="shift"):
+        shift_sigmas(sigmas, 0.0)
+
+
+def test_dynamic_shift_is_linear_in_log_space():
+    assert dynamic_shift(256, 256, 4096, 0.5, 1.15) == pytest.approx(math.exp(0.5))
+    assert dynamic_shift(4096, 256, 4096, 0.5, 1.15) == pytest.approx(math.exp(1.15))
+    assert dynamic_shift(2176, 256, 4096, 0.5, 1.15) == pytest.approx(math.exp(0.825))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        dynamic_shift(10, 256, 256)
+
+
+def test_logit_normal_sigmas_are_seeded_and_in_range():
+    a = sample_logit_normal(1000, 0.0, 1.0, torch.Generator().manual_seed(0))
+    b = sample_logit_normal(1000, 0.0, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert a.dtype == torch.float32 and ((a > 0) & (a < 1)).all()
+    assert abs(a.median().item() - 0.5) < 0.05  # sigmoid(N(0, 1)) has median 0.5
+    shifted = sample_logit_normal(1000, 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert shifted.median() > 0.65  # sigmoid(1) = 0.73
+
+
+def test_interpolate_by_hand():
+    x0 = torch.tensor([2.0, 4.0]).view(2, 1, 1, 1, 1)
+    noise = torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1, 1)
+    x_t, target = interpolate(x0, noise, torch.tensor([0.25, 1.0]))
+    # 0.75 * 2 + 0.25 * -1 = 1.25; 0 * 4 + 1 * 1 = 1
+    assert torch.allclose(x_t.flatten(), torch.tensor([1.25, 1.0]))
+    assert torch.allclose(target.flatten(), torch.tensor([-3.0, -3.0]))
+
+
+def test_loss_zero_for_the_true_velocity_and_timestep_scale():
+    x0 = torch.randn(3, 4, 2, 4, 4)
+    seen = {}
+
+    def oracle(x_t, timestep, states, mask, pooled):
+        seen["timestep"] = timestep
+        sigma = (timestep / 1000).view(-1, 1, 1, 1, 1)
+        # x_t = x0 + sigma (eps - x0) -> eps - x0 = (x_t - x0) / sigma
+        return (x_t - x0) / sigma
+
+    loss = flow_matching_loss(oracle, x0, torch.zeros(3, 5, 8), shift=3.0, generator=torch.Generator().manual_seed(1))
+    assert loss.item() < 1e-8
+    assert seen["timestep"].shape == (3,) and ((seen["timestep"] > 0) & (seen["timestep"] < 1000)).all()
+
+
+def test_loss_of_zero_prediction_matches_the_target_norm():
+    x0 = torch.randn(2, 4, 2, 4, 4)
+
+    def zero(x_t, timestep, states, mask, pooled):
+        return torch.zeros_like(x_t)
+
+    loss = flow_matching_loss(zero, x0, torch.zeros(2, 5, 8), generator=torch.Generator().manual_seed(2))
+    # Rebuild the same draws: sigmas first, then the noise.
+    generator = torch.Generator().manual_seed(2)
+    sample_logit_normal(2, 0.0, 1.0, generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(((noise - x0) ** 2).mean().item(), rel=1e-6)
