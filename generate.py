@@ -1,0 +1,120 @@
+"""Generate videos from text prompts.
+
+    python generate.py "a large blue square moving up on a white background"
+    python generate.py --prompt-file prompts.txt --out-dir outputs --steps 20 --seed 1
+
+Writes one video per prompt (00000.mp4, ... in prompt order) and manifest.jsonl into --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, no usage dump
+        self.exit(2, f"generate.py: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Generate videos from text prompts with a t2v pipeline.")
+    p.add_argument("prompts", nargs="*", help="one or more prompts")
+    p.add_argument("--prompt-file", help="text file with one prompt per line")
+    p.add_argument("--model", default=None, help="pipeline folder (default: the shipped default model)")
+    p.add_argument("--out-dir", default="outputs", help="output folder (default: outputs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--num-frames", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--fps", type=int, default=None)
+    p.add_argument("--format", choices=["mp4", "gif"], default="mp4")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    return p
+
+
+def parse_and_check(argv: list[str] | None = None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from t2v.generation import read_prompt_file
+
+    prompts = list(args.prompts)
+    if args.prompt_file:
+        try:
+            prompts += read_prompt_file(args.prompt_file)
+        except ValueError as e:
+            parser.error(str(e))
+    if not prompts:
+        parser.error("no prompts: give prompts as arguments or --prompt-file FILE")
+    if any(not p.strip() for p in prompts):
+        parser.error("a prompt is empty")
+    for name in ("steps", "num_frames", "height", "width", "fps", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} {value} must be at least 1")
+    if args.guidance is not None and args.guidance < 0:
+        parser.error(f"--guidance {args.guidance} must be non-negative")
+    if args.model is not None and not os.path.isdir(args.model):
+        parser.error(f"--model {args.model!r} is not a folder")
+    return parser, args, prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args, prompts = parse_and_check(argv)
+    import torch
+
+    import t2v
+    from pipelines import T2VPipeline
+    from t2v.generation import GenerationSettings, generate_to_folder
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device!r} is not a torch device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device!r} asked for but CUDA is not available")
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype_name == "float16" and device == "cpu":
+        parser.error("--dtype float16 is not supported on CPU (about 50x slower); use float32 or bfloat16")
+    model_dir = args.model or t2v.DEFAULT_MODEL
+    if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
+        parser.error(f"model folder {model_dir!r} has no model_index.json (not a diffusers pipeline folder)")
+
+    pipe = T2VPipeline.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype_name))
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    settings = GenerationSettings(
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        fps=args.fps,
+        format=args.format,
+        batch_size=args.batch_size,
+    )
+    seeds = [args.seed + i for i in range(len(prompts))]
+    try:
+        # Checks every setting against the model before anything is generated or written.
+        resolved = settings.resolved(pipe.config.generation_defaults)
+        pipe.check_inputs(prompts, args.negative_prompt, resolved.num_frames, resolved.height, resolved.width,
+                          None, None)
+        rows = generate_to_folder(pipe, prompts, args.out_dir, seeds, settings)
+    except ValueError as e:
+        parser.error(str(e))
+    for row in rows:
+        print(os.path.join(args.out_dir, row["path"]), "<-", row["prompt"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""T2VPipeline: text-to-video sampling with a video VAE, a video DiT and frozen text encoders.
+
+Stages follow diffusers' video pipelines: 1. check inputs, 2. encode prompt, 3. timesteps, 4. latents,
+5. denoise with classifier-free guidance, 6. decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from t2v.models.text_encoder import TextEmbeddings, encode_text, load_text_encoder
+from t2v.models.vae_utils import denormalize_latents, latent_channels, vae_scale_factors
+
+DEFAULT_GENERATION = {
+    "num_frames": 17,
+    "height": 64,
+    "width": 64,
+    "num_inference_steps": 30,
+    "guidance_scale": 5.0,
+    "fps": 8,
+}
+
+
+@dataclass
+class T2VPipelineOutput(BaseOutput):
+    """`frames`: (B, F, H, W, 3) floats in [0, 1] for "np", (B, F, 3, H, W) for "pt", lists of PIL images for
+    "pil", or normalised latents (B, C, T, h, w) for "latent"."""
+
+    frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]
+
+
+def calculate_shift(seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
+    """Linear map from token count to the log-shift `mu` (Flux/SD3 resolution-dependent shifting)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (seq_len - base_seq_len)
+
+
+class T2VPipeline(DiffusionPipeline):
+    r"""Text-to-video generation.
+
+    Components: `vae` (our `CausalVideoVAE` or a diffusers video VAE such as `AutoencoderKLWan`), `transformer`
+    (`VideoDiT`), `text_encoder` + `tokenizer` (per-token states for cross-attention, any transformers encoder),
+    optional `text_encoder_2` + `tokenizer_2` (pooled vector, e.g. CLIP), `scheduler` (a flow-matching scheduler:
+    `FlowMatchEulerDiscreteScheduler`, or UniPC / DPM-Solver++ with `use_flow_sigmas`). When a saved pipeline
+    leaves its text encoder out, `text_encoder_source` names where to load it from (path, hub id or "minilm").
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
+    _optional_components = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        vae,
+        transformer,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_source: str | None = None,
+        max_sequence_length: int = 77,
+        generation_defaults: dict | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            transformer=transformer,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
+        self.register_to_config(
+            text_encoder_source=text_encoder_source,
+            max_sequence_length=max_sequence_length,
+            generation_defaults={**DEFAULT_GENERATION, **(generation_defaults or {})},
+        )
+        if text_encoder is None and text_encoder_source:
+            # Kept out of the saved folder on purpose (e.g. a pip-installed encoder): load it by name.
+            # The config entry stays (None, None), so save_pretrained keeps leaving it out.
+            self.tokenizer, self.text_encoder = load_text_encoder(text_encoder_source)
+        self.vae_scale_factor_temporal, self.vae_scale_factor_spatial = vae_scale_factors(vae)
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    # ------------------------------------------------------------------ inputs
+    def check_inputs(self, prompt, negative_prompt, num_frames, height, width, prompt_embeds, negative_prompt_embeds):
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give either `prompt` or `prompt_embeds`")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give only one of `prompt` and `prompt_embeds`, not both")
+        if prompt is not None:
+            if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
+                raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}")
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"every prompt must be a string, got {prompts!r}")
+        if isinstance(negative_prompt, list):
+            n_prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else None
+            if n_prompts is not None and len(negative_prompt) != n_prompts:
+                raise ValueError(
+                    f"negative_prompt has {len(negative_prompt)} entries but prompt has {n_prompts}; "
+                    "give one negative prompt per prompt or a single string"
+                )
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.states.shape[0] != negative_prompt_embeds.states.shape[0]:
+                raise ValueError(
+                    f"prompt_embeds batch {prompt_embeds.states.shape[0]} differs from negative_prompt_embeds "
+                    f"batch {negative_prompt_embeds.states.shape[0]}"
+                )
+        ft = self.vae_scale_factor_temporal
+        if num_frames < 1 or (num_frames - 1) % ft != 0:
+            raise ValueError(f"num_frames {num_frames} must be {ft}k+1 (1, {ft + 1}, {2 * ft + 1}, ...)")
+        pt, ph, pw = self.transformer.config.patch_size
+        latent_frames = (num_frames - 1) // ft + 1
+        if latent_frames % pt != 0:
+            raise ValueError(f"num_frames {num_frames} gives {latent_frames} latent frames, not divisible by patch {pt}")
+        for name, value, patch in (("height", height, ph), ("width", width, pw)):
+            multiple = self.vae_scale_factor_spatial * patch
+            if value < multiple or value % multiple != 0:
+                raise ValueError(
+                    f"{name} {value} must be a positive multiple of {multiple} (VAE factor "
+                    f"{self.vae_scale_factor_spatial} x patch size {patch})"
+                )
+
+    # ------------------------------------------------------------------ text
+    def encode_prompt(self, prompts: list[str], device: torch.device) -> TextEmbeddings:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this pipeline has no text encoder: pass `prompt_embeds`, or load one")
+        out = encode_text(self.tokenizer, self.text_encoder, prompts, self.config.max_sequence_length, device)
+        if self.text_encoder_2 is not None:
+            out.pooled = encode_text(self.tokenizer_2, self.text_encoder_2, prompts, 77, device).pooled
+        return out
+
+    # ------------------------------------------------------------------ latents
+    def prepare_latents(self, batch_size, num_frames, height, width, dtype, device, generator, latents=None):
+        shape = (
+            batch_size,
+            self.transformer.config.in_channels,
+            (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+            height // self.vae_scale_factor_spatial,
+            width // self.vae_scale_factor_spatial,
+        )
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+            return latents.to(device=device, dtype=dtype)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for an effective batch of {batch_size}")
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def _set_timesteps(self, num_inference_steps: int, num_tokens: int, device):
+        config = self.scheduler.config
+        if config.get("use_dynamic_shifting", False):
+            mu = calculate_shift(
+                num_tokens,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+            self.scheduler.set_timesteps(num_inference_steps, device=device, mu=mu)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.timesteps
+
+    def _velocity(self, latents, t, cond: TextEmbeddings, uncond: TextEmbeddings | None, guidance_scale: float):
+        """Velocity with classifier-free guidance; cond and uncond run as one batch."""
+        dtype = self.transformer.dtype
+        if uncond is None:
+            states, mask, pooled, x = cond.states, cond.mask, cond.pooled, latents
+        else:
+            states = torch.cat([uncond.states, cond.states])
+            mask = torch.cat([uncond.mask, cond.mask])
+            pooled = torch.cat([uncond.pooled, cond.pooled])
+            x = torch.cat([latents, latents])
+        timestep = t.expand(x.shape[0]).to(dtype=torch.float32)
+        v = self.transformer(
+            hidden_states=x.to(dtype),
+            timestep=timestep,
+            encoder_hidden_states=states.to(dtype),
+            encoder_attention_mask=mask,
+            pooled_projections=pooled.to(dtype) if self.transformer.config.pooled_dim else None,
+            return_dict=False,
+        )[0].float()
+        if uncond is None:
+            return v
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: TextEmbeddings | None = None,
+        negative_prompt_embeds: TextEmbeddings | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        defaults = self.config.generation_defaults
+        num_frames = num_frames if num_frames is not None else defaults["num_frames"]
+        height = height if height is not None else defaults["height"]
+        width = width if width is not None else defaults["width"]
+        steps = num_inference_steps if num_inference_steps is not None else defaults["num_inference_steps"]
+        guidance_scale = guidance_scale if guidance_scale is not None else defaults["guidance_scale"]
+        if output_type not in ("np", "pt", "pil", "latent"):
+            raise ValueError(f"output_type {output_type!r} must be one of 'np', 'pt', 'pil', 'latent'")
+        if steps < 1:
+            raise ValueError(f"num_inference_steps {steps} must be at least 1")
+        if num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt {num_videos_per_prompt} must be at least 1")
+        for k in callback_on_step_end_tensor_inputs:
+            if k not in self._callback_tensor_inputs:
+                raise ValueError(f"callback tensor input {k!r} must be one of {self._callback_tensor_inputs}")
+
+        # 1. check inputs
+        self.check_inputs(prompt, negative_prompt, num_frames, height, width, prompt_embeds, negative_prompt_embeds)
+        device = self._execution_device
+        do_cfg = guidance_scale > 1.0
+
+        # 2. encode prompt (and the negative prompt for classifier-free guidance)
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self.encode_prompt(prompts, device)
+        batch = prompt_embeds.states.shape[0]
+        cond = _repeat(prompt_embeds, num_videos_per_prompt)
+        uncond = None
+        if do_cfg:
+            if negative_prompt_embeds is None:
+                negatives = negative_prompt if negative_prompt is not None else ""
+                negatives = [negatives] * batch if isinstance(negatives, str) else list(negatives)
+                negative_prompt_embeds = self.encode_prompt(negatives, device)
+            uncond = _repeat(negative_prompt_embeds, num_videos_per_prompt)
+
+        # 3. timesteps
+        pt, ph, pw = self.transformer.config.patch_size
+        latent_t = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        num_tokens = (latent_t // pt) * (height // self.vae_scale_factor_spatial // ph) * (
+            width // self.vae_scale_factor_spatial // pw
+        )
+        timesteps = self._set_timesteps(steps, num_tokens, device)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+
+        # 4. latents
+        latents = self.prepare_latents(
+            batch * num_videos_per_prompt, num_frames, height, width, torch.float32, device, generator, latents
+        )
+
+        # 5. denoise
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                v = self._velocity(latents, t, cond, uncond, guidance_scale)
+                latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, t, {k: locals()[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                progress_bar.update()
+
+        # 6. decode
+        if output_type == "latent":
+            video = latents
+        else:
+            z = denormalize_latents(self.vae, latents).to(self.vae.dtype)
+            video = self.vae.decode(z, return_dict=False)[0].float()  # (B, 3, F, H, W) in [-1, 1]
+            video = self.video_processor.postprocess_video(video, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (video,)
+        return T2VPipelineOutput(frames=video)
+
+
+def _repeat(embeds: TextEmbeddings, n: int) -> TextEmbeddings:
+    if n == 1:
+        return embeds
+    return TextEmbeddings(
+        states=embeds.states.repeat_interleave(n, dim=0),
+        mask=embeds.mask.repeat_interleave(n, dim=0),
+        pooled=embeds.pooled.repeat_interleave(n, dim=0),
+    )
+
+
+__all__ = ["T2VPipeline", "T2VPipelineOutput", "DEFAULT_GENERATION", "calculate_shift", "latent_channels"]

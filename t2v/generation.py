@@ -1,0 +1,137 @@
+"""Prompts in, video files out: the shared core of generate.py and the evaluation run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMATS = ("mp4", "gif")
+
+
+@dataclass
+class GenerationSettings:
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    fps: int | None = None
+    format: str = "mp4"
+    batch_size: int = 8
+
+    def resolved(self, defaults: dict) -> GenerationSettings:
+        """Fill unset fields from the pipeline's generation defaults."""
+        values = asdict(self)
+        for key in ("num_frames", "height", "width", "num_inference_steps", "guidance_scale", "fps"):
+            if values[key] is None:
+                values[key] = defaults[key]
+        return GenerationSettings(**values)
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """One prompt per line; blank lines are skipped. Raises ValueError for a missing or empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt file {str(path)!r} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {str(path)!r} holds no prompts (one prompt per line)")
+    return prompts
+
+
+def video_name(index: int, fmt: str) -> str:
+    return f"{index:05d}.{fmt}"
+
+
+def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int, fmt: str) -> None:
+    """frames: (F, H, W, 3) floats in [0, 1]."""
+    from diffusers.utils import export_to_gif, export_to_video
+
+    if fmt == "mp4":
+        # High quality keeps flat colours faithful; macro_block_size=1 keeps small sizes exact.
+        export_to_video(list(frames), str(path), fps=fps, quality=9, macro_block_size=1)
+    elif fmt == "gif":
+        from PIL import Image
+
+        images = [Image.fromarray((f * 255).round().clip(0, 255).astype(np.uint8)) for f in frames]
+        export_to_gif(images, str(path), fps=fps)
+    else:
+        raise ValueError(f"video format {fmt!r} must be one of {FORMATS}")
+
+
+def generate_to_folder(
+    pipe,
+    prompts: list[str],
+    out_dir: str | os.PathLike,
+    seeds: list[int],
+    settings: GenerationSettings | None = None,
+    extra: list[dict] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Generate one video per prompt (own seed each) into `out_dir` with `manifest.jsonl`.
+
+    Videos are named by prompt order (00000.mp4, ...). Everything is written in a temporary folder beside
+    `out_dir` and moved in only when all videos exist, so an interrupted run leaves nothing half-written.
+    `extra` adds per-prompt fields to the manifest rows (e.g. a ground-truth record).
+    """
+    settings = (settings or GenerationSettings()).resolved(pipe.config.generation_defaults)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    if settings.format not in FORMATS:
+        raise ValueError(f"video format {settings.format!r} must be one of {FORMATS}")
+    if extra is not None and len(extra) != len(prompts):
+        raise ValueError(f"got {len(extra)} extra rows for {len(prompts)} prompts")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    device = pipe._execution_device
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for start in range(0, len(prompts), settings.batch_size):
+            batch = list(range(start, min(start + settings.batch_size, len(prompts))))
+            generators = [torch.Generator(device="cpu").manual_seed(int(seeds[i])) for i in batch]
+            out = pipe(
+                prompt=[prompts[i] for i in batch],
+                negative_prompt=settings.negative_prompt,
+                num_frames=settings.num_frames,
+                height=settings.height,
+                width=settings.width,
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                generator=generators,
+                output_type="np",
+            ).frames  # (B, F, H, W, 3)
+            for j, i in enumerate(batch):
+                name = video_name(i, settings.format)
+                write_video(out[j], tmp / name, settings.fps, settings.format)
+                row = {"prompt": prompts[i], "seed": int(seeds[i]), "path": name, **_settings_row(settings)}
+                if extra is not None:
+                    row.update(extra[i])
+                rows.append(row)
+            if progress:
+                print(f"generated {len(rows)}/{len(prompts)} videos", flush=True)
+        with open(tmp / "manifest.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "manifest.jsonl"):  # manifest last
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def _settings_row(settings: GenerationSettings) -> dict:
+    row = asdict(settings)
+    row.pop("batch_size")
+    return row

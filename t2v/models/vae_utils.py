@@ -1,0 +1,55 @@
+"""What the pipeline and trainer need to know about a video VAE, ours or a diffusers one.
+
+Our `CausalVideoVAE` stores `scaling_factor`/`shift_factor` (normalised = (z - shift) * scale); diffusers'
+`AutoencoderKLWan` stores per-channel `latents_mean`/`latents_std` (normalised = (z - mean) / std).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def vae_scale_factors(vae) -> tuple[int, int]:
+    """(temporal, spatial) compression of a video VAE."""
+    if hasattr(vae, "temporal_compression_ratio") and hasattr(vae, "spatial_compression_ratio"):
+        return int(vae.temporal_compression_ratio), int(vae.spatial_compression_ratio)
+    config = vae.config
+    if "scale_factor_temporal" in config:  # AutoencoderKLWan
+        return int(config.scale_factor_temporal), int(config.scale_factor_spatial)
+    if "temporal_compression_ratio" in config:  # AutoencoderKLCogVideoX
+        return int(config.temporal_compression_ratio), 2 ** (len(config.block_out_channels) - 1)
+    raise ValueError(f"cannot tell the compression factors of VAE class {type(vae).__name__}")
+
+
+def latent_channels(vae) -> int:
+    config = vae.config
+    for key in ("latent_channels", "z_dim"):
+        if key in config:
+            return int(config[key])
+    raise ValueError(f"cannot tell the latent channel count of VAE class {type(vae).__name__}")
+
+
+def latent_stats(vae, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std), each (1, C, 1, 1, 1), such that normalised latents are (z - mean) / std."""
+    config = vae.config
+    channels = latent_channels(vae)
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        mean = torch.tensor(config.latents_mean, dtype=dtype)
+        std = torch.tensor(config.latents_std, dtype=dtype)
+    else:
+        shift = config.get("shift_factor") or 0.0
+        scale = config.get("scaling_factor") or 1.0
+        mean = torch.full((channels,), float(shift), dtype=dtype)
+        std = torch.full((channels,), 1.0 / float(scale), dtype=dtype)
+    shape = (1, channels, 1, 1, 1)
+    return mean.view(shape).to(device), std.view(shape).to(device)
+
+
+def normalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    mean, std = latent_stats(vae, z.device, z.dtype)
+    return (z - mean) / std
+
+
+def denormalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    mean, std = latent_stats(vae, z.device, z.dtype)
+    return z * std + mean

@@ -1,0 +1,74 @@
+import json
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from helpers import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_pipeline().save_pretrained(path)
+    return path
+
+
+def _generate(*args):
+    return subprocess.run([sys.executable, "generate.py", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generate_end_to_end(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square moving up\n\na red circle\n")
+    out = tmp_path / "out"
+    r = _generate("a green triangle", "--prompt-file", prompts, "--model", model_dir, "--out-dir", out,
+                  "--seed", 3, "--steps", 2)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == ["a green triangle", "a blue square moving up", "a red circle"]
+    assert [row["seed"] for row in rows] == [3, 4, 5]
+    assert [row["path"] for row in rows] == ["00000.mp4", "00001.mp4", "00002.mp4"]
+    assert rows[0]["num_inference_steps"] == 2 and rows[0]["num_frames"] is not None
+    video = iio.imread(out / "00000.mp4", plugin="pyav")
+    assert video.shape[0] == rows[0]["num_frames"] and video.shape[-1] == 3
+
+    # Same seed and settings give the same video.
+    again = tmp_path / "again"
+    r = _generate("a green triangle", "--model", model_dir, "--out-dir", again, "--seed", 3, "--steps", 2)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(video, iio.imread(again / "00000.mp4", plugin="pyav"))
+
+
+def test_generate_gif(model_dir, tmp_path):
+    r = _generate("a red circle", "--model", model_dir, "--out-dir", tmp_path / "g", "--format", "gif",
+                  "--steps", 1)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "g" / "00000.gif").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--prompt-file", "does-not-exist.txt"],
+        ["a prompt", "--steps", "0"],
+        ["a prompt", "--num-frames", "4"],
+        ["a prompt", "--height", "30"],
+        ["a prompt", "--model", "no/such/folder"],
+        ["a prompt", "--dtype", "float16", "--device", "cpu"],
+        ["a prompt", "--format", "avi"],
+        ["a prompt", "--steps", "many"],
+    ],
+)
+def test_bad_arguments_exit_2(model_dir, tmp_path, args):
+    out = tmp_path / "bad"
+    if "--model" not in args:
+        args = [*args, "--model", str(model_dir)]
+    r = _generate(*args, "--out-dir", out)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
