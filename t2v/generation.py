@@ -93,7 +93,6 @@ def generate_to_folder(
         raise ValueError(f"got {len(extra)} extra rows for {len(prompts)} prompts")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    device = pipe._execution_device
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
