@@ -1,0 +1,80 @@
+"""Weight-free temporal quality metrics in the spirit of VBench.
+
+Videos are (N, T, H, W, 3) arrays or lists of (T, H, W, 3) arrays (lengths may differ), numpy or torch.
+uint8 videos are in [0, 255]; floating videos must lie in [0, 1] and are scaled by 255. Every error
+below is therefore in [0, 255] pixel units; ``as_score=True`` gives VBench's ``1 - error / 255``.
+
+- ``temporal_flicker``: mean absolute difference of consecutive frames.
+- ``motion_smoothness``: mean absolute error of frame t predicted as the mean of frames t-1 and t+1
+  (VBench uses a frame-interpolation network; linear interpolation is its weight-free stand-in).
+- ``dynamic_degree``: share of videos whose mean absolute frame difference exceeds a threshold
+  (VBench thresholds optical flow; frame difference is the flow-free proxy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_videos(videos, min_frames: int) -> list[np.ndarray]:
+    """Videos as a list of float64 (T, H, W, C) arrays in [0, 255]."""
+    if hasattr(videos, "detach"):
+        videos = videos.detach().cpu().numpy()
+    if isinstance(videos, np.ndarray):
+        if videos.ndim != 5:
+            raise ValueError(f"videos array must be (N, T, H, W, 3), got shape {videos.shape}")
+        videos = list(videos)
+    if len(videos) == 0:
+        raise ValueError("videos is empty")
+    out = []
+    for i, video in enumerate(videos):
+        if hasattr(video, "detach"):
+            video = video.detach().cpu().numpy()
+        video = np.asarray(video)
+        if video.ndim != 4 or video.shape[-1] not in (1, 3):
+            raise ValueError(f"video {i} must be (T, H, W, 3), got shape {video.shape}")
+        if video.shape[0] < min_frames:
+            raise ValueError(f"video {i} has {video.shape[0]} frames; this metric needs >= {min_frames}")
+        if video.dtype == np.uint8:
+            out.append(video.astype(np.float64))
+        elif np.issubdtype(video.dtype, np.floating):
+            if not np.isfinite(video).all() or video.min() < 0 or video.max() > 1:
+                raise ValueError(
+                    f"float video {i} must lie in [0, 1], got range [{video.min()}, {video.max()}]"
+                )
+            out.append(video.astype(np.float64) * 255.0)
+        else:
+            raise ValueError(f"video {i} must be uint8 or floating, got dtype {video.dtype}")
+    return out
+
+
+def _reduce(errors: np.ndarray, per_video: bool, as_score: bool):
+    values = 1.0 - errors / 255.0 if as_score else errors
+    return values if per_video else float(values.mean())
+
+
+def frame_difference(videos) -> np.ndarray:
+    """(N,) mean absolute difference of consecutive frames per video, in [0, 255]."""
+    return np.array([np.abs(np.diff(video, axis=0)).mean() for video in _as_videos(videos, 2)])
+
+
+def temporal_flicker(videos, per_video: bool = False, as_score: bool = False):
+    """Mean absolute consecutive-frame difference in [0, 255] (or ``1 - mad / 255``)."""
+    return _reduce(frame_difference(videos), per_video, as_score)
+
+
+def motion_smoothness(videos, per_video: bool = False, as_score: bool = False):
+    """Mean absolute error of ``(frame[t-1] + frame[t+1]) / 2`` against ``frame[t]``, in [0, 255]."""
+    errors = []
+    for video in _as_videos(videos, 3):
+        predicted = (video[:-2] + video[2:]) / 2.0  # (T - 2, H, W, C)
+        errors.append(np.abs(predicted - video[1:-1]).mean())
+    return _reduce(np.array(errors), per_video, as_score)
+
+
+def dynamic_degree(videos, threshold: float, per_video: bool = False):
+    """Share of videos whose mean absolute frame difference (in [0, 255]) exceeds ``threshold``."""
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0 (in [0, 255] pixel units), got {threshold}")
+    moving = frame_difference(videos) > threshold
+    return moving if per_video else float(moving.mean())
