@@ -42,7 +42,7 @@ def resolve_text_encoder(name_or_path: str) -> str:
 def load_text_encoder(
     name_or_path: str, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """Load (tokenizer, encoder) by special name, local path or hub id; the encoder is frozen in eval mode."""
+    """Load (tokenizer, encoder) by special name, local path or hub id, frozen in eval mode, float32 by default."""
     if not name_or_path:
         raise ValueError("text encoder name or path is empty; give a local path, a hub id, 'minilm' or 'tiny-random'")
     if name_or_path == TINY_RANDOM:
@@ -51,8 +51,8 @@ def load_text_encoder(
         path = resolve_text_encoder(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         encoder = _encoder_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
-    if dtype is not None:
-        encoder = encoder.to(dtype)
+    # float32 unless half precision is asked for: checkpoints stored in fp16 load as fp16 otherwise.
+    encoder = encoder.to(dtype or torch.float32)
     encoder.requires_grad_(False).eval()
     return tokenizer, encoder
 
