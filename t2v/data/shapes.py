@@ -1,0 +1,536 @@
+"""Shapes World v1: procedurally rendered video-text data with exact ground truth.
+
+Every number here is fixed by the contract in `shapes_world.md`: 17 frames of 64 x 64 RGB at 8 fps,
+a black or white background, one or two flat objects (7 colours, 3 shapes, 2 sizes, 5 motions), and
+three (colour, shape) pairs that never appear in training data.
+
+A sample is a JSON record
+`{"background": "black", "objects": [{"colour", "shape", "size", "motion", "start": [x, y]}]}`
+(`start` is the centre at frame 0, in pixels; pixel (x, y) has its centre at integer coordinates).
+`render` draws one record with numpy, `render_batch` draws many at once with torch (bit-identical).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NUM_FRAMES = 17
+SIZE = 64
+FPS = 8
+STEP = 2  # pixels per frame
+
+BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 190, 70),
+    "blue": (40, 90, 230),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 210),
+    "orange": (250, 140, 20),
+    "cyan": (40, 210, 220),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 5, "large": 9}
+# Per-frame (dx, dy); image y grows downward.
+MOTIONS = {
+    "moving left": (-STEP, 0),
+    "moving right": (STEP, 0),
+    "moving up": (0, -STEP),
+    "moving down": (0, STEP),
+    "staying still": (0, 0),
+}
+HELD_OUT = frozenset({("purple", "triangle"), ("cyan", "square"), ("orange", "circle")})
+
+ALL_PAIRS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+TRAIN_PAIRS = [pair for pair in ALL_PAIRS if pair not in HELD_OUT]
+HELD_OUT_PAIRS = [pair for pair in ALL_PAIRS if pair in HELD_OUT]
+SPLITS = ("train", "heldout", "any")
+# With num_objects=None a record has two objects with this probability, else one.
+TWO_OBJECT_PROB = 0.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records
+# ----------------------------------------------------------------------------------------------------
+
+
+def start_range(size: str, motion: str) -> tuple[int, int, int, int]:
+    """Inclusive (x_lo, x_hi, y_lo, y_hi) of starts keeping the object inside the frame for all frames."""
+    r = SIZES[size]
+    dx, dy = MOTIONS[motion]
+    travel = NUM_FRAMES - 1
+    x_lo, x_hi = r + max(0, -dx * travel), SIZE - 1 - r - max(0, dx * travel)
+    y_lo, y_hi = r + max(0, -dy * travel), SIZE - 1 - r - max(0, dy * travel)
+    return x_lo, x_hi, y_lo, y_hi
+
+
+def _shape_mask(shape_id, r, dx, dy):
+    """Inside test for pixels at offset (dx, dy) from the centre; works on numpy arrays and torch tensors.
+
+    shape_id: 0 circle, 1 square, 2 triangle with vertices (0, -r), (-r, r), (r, r).
+    """
+    circle = dx * dx + dy * dy <= r * r
+    square = (abs(dx) <= r) & (abs(dy) <= r)
+    triangle = (dy >= -r) & (dy <= r) & (2 * abs(dx) <= dy + r)
+    return (circle & (shape_id == 0)) | (square & (shape_id == 1)) | (triangle & (shape_id == 2))
+
+
+def _object_masks(obj: dict) -> np.ndarray:
+    """Boolean masks (T, H, W) of one object over the clip."""
+    vx, vy = MOTIONS[obj["motion"]]
+    x0, y0 = obj["start"]
+    frames = np.arange(NUM_FRAMES)[:, None, None]
+    grid = np.arange(SIZE)
+    dx = grid[None, None, :] - (x0 + frames * vx)  # (T, 1, W)
+    dy = grid[None, :, None] - (y0 + frames * vy)  # (T, H, 1)
+    return _shape_mask(SHAPES.index(obj["shape"]), SIZES[obj["size"]], dx, dy)
+
+
+def validate_record(record: dict) -> None:
+    """Raise ValueError unless `record` follows the contract (keys, spellings, inside the frame)."""
+    if not isinstance(record, dict) or set(record) != {"background", "objects"}:
+        raise ValueError(f"record {record!r} must be a dict with exactly the keys 'background' and 'objects'")
+    if record["background"] not in BACKGROUNDS:
+        raise ValueError(f"background {record['background']!r} is not one of {list(BACKGROUNDS)}")
+    objects = record["objects"]
+    if not isinstance(objects, list) or len(objects) not in (1, 2):
+        raise ValueError(f"objects {objects!r} must be a list of 1 or 2 objects")
+    keys = {"colour", "shape", "size", "motion", "start"}
+    for obj in objects:
+        if not isinstance(obj, dict) or set(obj) != keys:
+            raise ValueError(f"object {obj!r} must have exactly the keys {sorted(keys)}")
+        for key, allowed in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("motion", MOTIONS)):
+            if obj[key] not in allowed:
+                raise ValueError(f"{key} {obj[key]!r} is not one of {list(allowed)}")
+        start = obj["start"]
+        if not (isinstance(start, (list, tuple)) and len(start) == 2 and all(isinstance(v, int) for v in start)):
+            raise ValueError(f"start {start!r} must be two integers [x, y]")
+        x_lo, x_hi, y_lo, y_hi = start_range(obj["size"], obj["motion"])
+        if not (x_lo <= start[0] <= x_hi and y_lo <= start[1] <= y_hi):
+            raise ValueError(
+                f"start {list(start)} of a {obj['size']} object {obj['motion']} leaves the frame; "
+                f"x must be in [{x_lo}, {x_hi}] and y in [{y_lo}, {y_hi}]"
+            )
+    if len(objects) == 2 and objects[0]["colour"] == objects[1]["colour"]:
+        raise ValueError(f"two objects share the colour {objects[0]['colour']!r}; colours must differ")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
+
+
+def sample_record(rng: np.random.Generator, num_objects: int | None = None, split: str = "train") -> dict:
+    """Draw one record. Deterministic given `rng`.
+
+    split: "train" never uses a held-out (colour, shape) pair, "heldout" makes one object a held-out pair,
+    "any" allows every pair. num_objects: 1, 2, or None (two with probability TWO_OBJECT_PROB).
+    Two objects get different colours and are re-drawn until they overlap in no frame.
+    """
+    _check_split(split)
+    if num_objects is None:
+        num_objects = 2 if rng.random() < TWO_OBJECT_PROB else 1
+    if num_objects not in (1, 2):
+        raise ValueError(f"num_objects {num_objects!r} must be 1, 2 or None")
+    background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    heldout_index = int(rng.integers(num_objects)) if split == "heldout" else -1
+    for _ in range(1000):
+        objects, masks = [], []
+        for index in range(num_objects):
+            if index == heldout_index:
+                pairs = HELD_OUT_PAIRS
+            else:
+                pairs = TRAIN_PAIRS if split == "train" else ALL_PAIRS
+            used = {obj["colour"] for obj in objects}
+            pairs = [pair for pair in pairs if pair[0] not in used]
+            colour, shape = pairs[rng.integers(len(pairs))]
+            size = list(SIZES)[rng.integers(len(SIZES))]
+            motion = list(MOTIONS)[rng.integers(len(MOTIONS))]
+            x_lo, x_hi, y_lo, y_hi = start_range(size, motion)
+            start = [int(rng.integers(x_lo, x_hi + 1)), int(rng.integers(y_lo, y_hi + 1))]
+            obj = {"colour": colour, "shape": shape, "size": size, "motion": motion, "start": start}
+            objects.append(obj)
+            masks.append(_object_masks(obj))
+        if num_objects == 1 or not (masks[0] & masks[1]).any():
+            return {"background": background, "objects": objects}
+    raise RuntimeError("could not place two non-overlapping objects in 1000 tries")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------
+
+
+def render(record: dict) -> np.ndarray:
+    """Draw one record: uint8 (T, H, W, 3) = (17, 64, 64, 3)."""
+    validate_record(record)
+    video = np.empty((NUM_FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
+    video[:] = BACKGROUNDS[record["background"]]
+    for obj in record["objects"]:
+        video[_object_masks(obj)] = COLOURS[obj["colour"]]
+    return video
+
+
+def _record_tensors(records: list[dict]) -> dict[str, torch.Tensor]:
+    """Pack records into int tensors over (B, K) object slots, K = 2; empty slots have valid = 0."""
+    colours, backgrounds = list(COLOURS.values()), list(BACKGROUNDS.values())
+    rows = {"x0": [], "y0": [], "vx": [], "vy": [], "r": [], "shape": [], "rgb": [], "valid": [], "bg": []}
+    for record in records:
+        validate_record(record)
+        rows["bg"].append(backgrounds[list(BACKGROUNDS).index(record["background"])])
+        slots = record["objects"] + [None] * (2 - len(record["objects"]))
+        for key in ("x0", "y0", "vx", "vy", "r", "shape", "rgb", "valid"):
+            rows[key].append([])
+        for obj in slots:
+            present = obj is not None
+            obj = obj or record["objects"][0]
+            vx, vy = MOTIONS[obj["motion"]]
+            rows["x0"][-1].append(obj["start"][0])
+            rows["y0"][-1].append(obj["start"][1])
+            rows["vx"][-1].append(vx)
+            rows["vy"][-1].append(vy)
+            rows["r"][-1].append(SIZES[obj["size"]])
+            rows["shape"][-1].append(SHAPES.index(obj["shape"]))
+            rows["rgb"][-1].append(colours[list(COLOURS).index(obj["colour"])])
+            rows["valid"][-1].append(int(present))
+    return {key: torch.tensor(value, dtype=torch.int32) for key, value in rows.items()}
+
+
+def _half_widths() -> np.ndarray:
+    """Row half-widths (num_shapes * num_sizes, 2 R + 1), R = largest radius, of the `_shape_mask` shapes.
+
+    Every shape is symmetric and convex, so row dy covers exactly |dx| <= half_width[dy]; -1 marks an
+    empty row. Rendering by rows makes `render_batch` one comparison per pixel.
+    """
+    big = max(SIZES.values())
+    offsets = np.arange(-big, big + 1)
+    table = np.full((len(SHAPES) * len(SIZES), 2 * big + 1), -1, dtype=np.int32)
+    for shape_id in range(len(SHAPES)):
+        for size_id, r in enumerate(SIZES.values()):
+            inside = _shape_mask(shape_id, r, offsets[None, :], offsets[:, None])  # (dy, dx)
+            for row, cols in enumerate(inside):
+                if cols.any():
+                    table[shape_id * len(SIZES) + size_id, row] = np.abs(offsets[cols]).max()
+    return table
+
+
+_HALF_WIDTHS = _half_widths()
+
+
+def render_batch(records: list[dict], device="cpu", chunk_size: int = 1024) -> torch.Tensor:
+    """Draw many records at once with torch: uint8 (B, T, H, W, 3), bit-identical to `render`."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size {chunk_size} must be >= 1")
+    device = torch.device(device)
+    out = torch.empty((len(records), NUM_FRAMES, SIZE, SIZE, 3), dtype=torch.uint8, device=device)
+    table = torch.from_numpy(_HALF_WIDTHS).to(device)
+    big = max(SIZES.values())
+    frames = torch.arange(NUM_FRAMES, device=device, dtype=torch.int32)
+    grid = torch.arange(SIZE, device=device, dtype=torch.int32)
+    for begin in range(0, len(records), chunk_size):
+        t = {k: v.to(device) for k, v in _record_tensors(records[begin : begin + chunk_size]).items()}
+        # 1. object centres per frame: (b, k, t)
+        cx = t["x0"][:, :, None] + frames * t["vx"][:, :, None]
+        cy = t["y0"][:, :, None] + frames * t["vy"][:, :, None]
+        dx = (grid - cx[..., None]).abs()  # (b, k, t, W)
+        dy = grid - cy[..., None]  # (b, k, t, H)
+        # 2. half-width of each pixel row, -1 outside the object or in an empty slot: (b, k, t, H)
+        sprite = (t["shape"] * len(SIZES) + (t["r"] == max(SIZES.values())).int())[:, :, None, None]
+        row = (dy.clamp(-big, big) + big).long()
+        half = table[sprite.long().expand_as(row), row]
+        half = torch.where((dy.abs() <= big) & (t["valid"][:, :, None, None] > 0), half, -1)
+        masks = dx[..., None, :] <= half[..., :, None]  # (b, k, t, H, W)
+        # 3. paint the background, then each slot (objects never overlap): (b, t, H, W, 3)
+        video = t["bg"].to(torch.uint8).view(-1, 1, 1, 1, 3).expand(-1, NUM_FRAMES, SIZE, SIZE, 3)
+        for slot in range(masks.shape[1]):
+            rgb = t["rgb"][:, slot].to(torch.uint8).view(-1, 1, 1, 1, 3)
+            video = torch.where(masks[:, slot, ..., None], rgb, video)
+        out[begin : begin + len(video)] = video
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Captions
+# ----------------------------------------------------------------------------------------------------
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def canonical_caption(record: dict) -> str:
+    """The contract's caption: `a {size} {colour} {shape} {motion} [and a ...] on a {background} background`."""
+    validate_record(record)
+    parts = [f"a {o['size']} {o['colour']} {o['shape']} {o['motion']}" for o in record["objects"]]
+    return f"{' and '.join(parts)} on a {record['background']} background"
+
+
+# Training wordings. Evaluation wordings below use words that never appear here.
+_TRAIN_SIZE = {"small": ("small", "tiny", "little"), "large": ("large", "big")}
+_TRAIN_ING = {  # participle phrases: "a red circle sliding left"
+    "moving left": ("moving left", "sliding left", "drifting to the left", "heading left", "going to the left"),
+    "moving right": ("moving right", "sliding right", "drifting to the right", "heading right", "going to the right"),
+    "moving up": ("moving up", "sliding up", "drifting up", "heading up", "going up"),
+    "moving down": ("moving down", "sliding down", "drifting down", "heading down", "going down"),
+    "staying still": ("staying still", "not moving", "motionless", "resting in place", "sitting still"),
+}
+_TRAIN_VERB = {  # finite phrases: "a red circle slides to the left"
+    "moving left": ("moves left", "slides to the left", "drifts left", "heads left", "goes to the left"),
+    "moving right": ("moves right", "slides to the right", "drifts right", "heads right", "goes to the right"),
+    "moving up": ("moves up", "slides up", "drifts up", "heads up", "goes up"),
+    "moving down": ("moves down", "slides down", "drifts down", "heads down", "goes down"),
+    "staying still": ("stays still", "does not move", "rests in place", "sits still", "stays put"),
+}
+_TRAIN_BG = {
+    "black": ("on a black background", "over black", "on a dark background", "on black", "over a black background"),
+    "white": ("on a white background", "over white", "on a light background", "on white", "over a white background"),
+}
+_TRAIN_NP = ("a {size} {colour} {shape}", "a {size} {colour} {shape}", "one {size} {colour} {shape}",
+             "a {size} {shape} in {colour}", "{art} {colour} {shape}")
+_TRAIN_ONE = ("{np} {ing} {bg}", "{np} {verb} {bg}", "{bg}, {np} {verb}", "{bg}, {np} {ing}", "{np} {bg}, {ing}")
+_TRAIN_TWO = ("{np1} {ing1} and {np2} {ing2} {bg}", "{bg}, {np1} {verb1} and {np2} {verb2}",
+              "{np1} {verb1} while {np2} {verb2} {bg}", "{bg}, {np1} {ing1} and {np2} {ing2}",
+              "{np1} {verb1} and {np2} {verb2} {bg}")
+
+_EVAL_SIZE = {"small": ("small", "miniature"), "large": ("large", "huge")}
+_EVAL_MOTION = {
+    "moving left": ("travelling leftwards", "gliding leftwards", "travelling toward the left edge"),
+    "moving right": ("travelling rightwards", "gliding rightwards", "travelling toward the right edge"),
+    "moving up": ("travelling upwards", "gliding upwards", "rising toward the top edge"),
+    "moving down": ("travelling downwards", "gliding downwards", "sinking toward the bottom edge"),
+    "staying still": ("remaining stationary", "holding its position", "frozen in place"),
+}
+_EVAL_BG = {
+    "black": ("against a black backdrop", "set against black", "in front of a black backdrop",
+              "against a dark backdrop"),
+    "white": ("against a white backdrop", "set against white", "in front of a white backdrop",
+              "against a pale backdrop"),
+}
+_EVAL_ONE = ("{art} {colour} {shape}, {size}, {motion} {bg}", "{bg}: {art} {size} {colour} {shape} {motion}",
+             "there is {art} {size} {colour} {shape} {motion} {bg}",
+             "{bg}, one can see {art} {size} {colour} {shape} {motion}")
+_EVAL_TWO = ("{art1} {colour1} {shape1}, {size1}, {motion1}, alongside {art2} {colour2} {shape2}, {size2}, "
+             "{motion2}, {bg}", "{bg}: {art1} {size1} {colour1} {shape1} {motion1} together with "
+             "{art2} {size2} {colour2} {shape2} {motion2}")
+
+
+def _pick(rng: np.random.Generator, options):
+    return options[rng.integers(len(options))]
+
+
+def _train_np(obj: dict, rng: np.random.Generator) -> str:
+    template = _pick(rng, _TRAIN_NP)
+    size = _pick(rng, _TRAIN_SIZE[obj["size"]])
+    return template.format(size=size, colour=obj["colour"], shape=obj["shape"], art=_article(obj["colour"]))
+
+
+def paraphrase(record: dict, rng: np.random.Generator) -> str:
+    """A training wording of the record (varied order, verbs, synonyms; size sometimes left out)."""
+    validate_record(record)
+    objects = list(record["objects"])
+    bg = _pick(rng, _TRAIN_BG[record["background"]])
+    if len(objects) == 1:
+        (obj,) = objects
+        return _pick(rng, _TRAIN_ONE).format(
+            np=_train_np(obj, rng), ing=_pick(rng, _TRAIN_ING[obj["motion"]]),
+            verb=_pick(rng, _TRAIN_VERB[obj["motion"]]), bg=bg,
+        )
+    if rng.random() < 0.5:
+        objects.reverse()
+    first, second = objects
+    return _pick(rng, _TRAIN_TWO).format(
+        np1=_train_np(first, rng), ing1=_pick(rng, _TRAIN_ING[first["motion"]]),
+        verb1=_pick(rng, _TRAIN_VERB[first["motion"]]),
+        np2=_train_np(second, rng), ing2=_pick(rng, _TRAIN_ING[second["motion"]]),
+        verb2=_pick(rng, _TRAIN_VERB[second["motion"]]), bg=bg,
+    )
+
+
+def eval_paraphrase(record: dict, rng: np.random.Generator) -> str:
+    """An evaluation wording: every one uses motion and background words no training wording uses."""
+    validate_record(record)
+    objects = list(record["objects"])
+    bg = _pick(rng, _EVAL_BG[record["background"]])
+
+    def fields(obj, suffix=""):
+        return {f"colour{suffix}": obj["colour"], f"shape{suffix}": obj["shape"],
+                f"size{suffix}": _pick(rng, _EVAL_SIZE[obj["size"]]),
+                f"motion{suffix}": _pick(rng, _EVAL_MOTION[obj["motion"]])}
+
+    if len(objects) == 1:
+        (obj,) = objects
+        template = _pick(rng, _EVAL_ONE)
+        values = fields(obj)
+        # The article agrees with the word after it: the colour or the size.
+        first_word = obj["colour"] if template.startswith("{art} {colour}") else values["size"]
+        values["art"] = _article(first_word)
+        return template.format(bg=bg, **values)
+    if rng.random() < 0.5:
+        objects.reverse()
+    template = _pick(rng, _EVAL_TWO)
+    values = {**fields(objects[0], "1"), **fields(objects[1], "2")}
+    after = "colour" if template.startswith("{art1} {colour1}") else "size"
+    values["art1"] = _article(values[f"{after}1"])
+    values["art2"] = _article(values[f"{after}2"])
+    return template.format(bg=bg, **values)
+
+
+def caption_for(record: dict, rng: np.random.Generator, canonical_prob: float) -> str:
+    """Canonical caption with probability `canonical_prob`, else a training paraphrase."""
+    if not 0.0 <= canonical_prob <= 1.0:
+        raise ValueError(f"canonical_prob {canonical_prob} must be in [0, 1]")
+    return canonical_caption(record) if rng.random() < canonical_prob else paraphrase(record, rng)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streams and batches
+# ----------------------------------------------------------------------------------------------------
+
+
+def sample_batch(rng: np.random.Generator, batch_size: int, split: str = "train", canonical_prob: float = 0.5,
+                 device="cpu") -> tuple[torch.Tensor, list[str], list[dict]]:
+    """Draw and render a batch: videos uint8 (B, T, H, W, 3) on `device`, captions, records."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} must be >= 1")
+    records = [sample_record(rng, split=split) for _ in range(batch_size)]
+    captions = [caption_for(record, rng, canonical_prob) for record in records]
+    return render_batch(records, device=device), captions, records
+
+
+class ShapesStream(torch.utils.data.IterableDataset):
+    """Infinite deterministic stream of `{"video": uint8 (T, H, W, 3), "caption": str, "record": dict}`.
+
+    Each rank and each DataLoader worker reads its own shard; sample i of shard s is drawn from
+    `np.random.default_rng([seed, s, i])`, so `start_index` resumes a shard exactly.
+    """
+
+    def __init__(self, seed: int = 0, split: str = "train", canonical_prob: float = 0.5, rank: int = 0,
+                 world_size: int = 1, start_index: int = 0):
+        super().__init__()
+        _check_split(split)
+        if not 0.0 <= canonical_prob <= 1.0:
+            raise ValueError(f"canonical_prob {canonical_prob} must be in [0, 1]")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size) with world_size {world_size} >= 1")
+        if start_index < 0:
+            raise ValueError(f"start_index {start_index} must be >= 0")
+        self.seed, self.split, self.canonical_prob = seed, split, canonical_prob
+        self.rank, self.world_size, self.start_index = rank, world_size, start_index
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard = self.rank * num_workers + worker
+        index = self.start_index
+        while True:
+            rng = np.random.default_rng([self.seed, shard, index])
+            record = sample_record(rng, split=self.split)
+            caption = caption_for(record, rng, self.canonical_prob)
+            yield {"video": torch.from_numpy(render(record)), "caption": caption, "record": record}
+            index += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------
+
+
+def write_video(path: str | os.PathLike, video: np.ndarray) -> None:
+    """Write uint8 (T, H, W, 3) as H.264 mp4 at FPS; yuv444p and crf 5 keep flat colours within a few levels."""
+    import imageio.v2 as imageio
+
+    with imageio.get_writer(str(path), format="FFMPEG", fps=FPS, codec="libx264", quality=None,
+                            pixelformat="yuv444p", macro_block_size=16,
+                            output_params=["-crf", "5"], ffmpeg_log_level="error") as writer:
+        for frame in video:
+            writer.append_data(frame)
+
+
+def write_dataset(out_dir: str | os.PathLike, num: int, seed: int, split: str = "train",
+                  num_paraphrases: int = 4) -> Path:
+    """Write `num` clips to `out_dir/videos/*.mp4` and `out_dir/manifest.csv`; returns the manifest path.
+
+    Columns: path (relative to the manifest), caption (canonical), record (JSON), paraphrases (JSON list of
+    training paraphrases). Videos and the manifest are written under temporary names and renamed, so an
+    interrupted run never leaves a manifest or a half-written video.
+    """
+    from tqdm import tqdm
+
+    _check_split(split)
+    if num < 1:
+        raise ValueError(f"num {num} must be >= 1")
+    out_dir = Path(out_dir)
+    video_dir = out_dir / "videos"
+    video_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    width = max(6, len(str(num - 1)))
+    for index in tqdm(range(num), desc=f"shapes {split}", unit="clip"):
+        record = sample_record(rng, split=split)
+        paraphrases = [paraphrase(record, rng) for _ in range(num_paraphrases)]
+        name = f"{index:0{width}d}.mp4"
+        tmp = video_dir / f".tmp-{name}"
+        write_video(tmp, render(record))
+        os.replace(tmp, video_dir / name)
+        rows.append({"path": f"videos/{name}", "caption": canonical_caption(record),
+                     "record": json.dumps(record), "paraphrases": json.dumps(paraphrases)})
+    manifest = out_dir / "manifest.csv"
+    tmp = out_dir / ".tmp-manifest.csv"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "caption", "record", "paraphrases"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation prompts
+# ----------------------------------------------------------------------------------------------------
+
+PROMPT_CATEGORIES = ("seen", "heldout", "paraphrase", "two_object")
+
+
+def make_prompts(seed: int, per_category: int = 64) -> list[dict]:
+    """A fixed prompt set: `{"prompt", "category", "record"}` rows, `per_category` unique prompts each.
+
+    seen: canonical captions of one-object training compositions; heldout: canonical captions with a
+    held-out pair (one or two objects); paraphrase: evaluation wordings of training compositions;
+    two_object: canonical two-object captions of training compositions. `render(record)` is the real
+    video for the prompt; read-back scoring ignores `start`.
+    """
+    if per_category < 1:
+        raise ValueError(f"per_category {per_category} must be >= 1")
+    rng = np.random.default_rng(seed)
+    draw = {
+        "seen": lambda: (record := sample_record(rng, 1, "train"), canonical_caption(record)),
+        "heldout": lambda: (record := sample_record(rng, None, "heldout"), canonical_caption(record)),
+        "paraphrase": lambda: (record := sample_record(rng, None, "train"), eval_paraphrase(record, rng)),
+        "two_object": lambda: (record := sample_record(rng, 2, "train"), canonical_caption(record)),
+    }
+    rows = []
+    for category in PROMPT_CATEGORIES:
+        prompts: set[str] = set()
+        for _ in range(per_category * 100):
+            record, prompt = draw[category]()
+            if prompt not in prompts:
+                prompts.add(prompt)
+                rows.append({"prompt": prompt, "category": category, "record": record})
+            if len(prompts) == per_category:
+                break
+        if len(prompts) < per_category:
+            raise ValueError(f"per_category {per_category} is more than the unique {category} prompts found")
+    return rows
+
+
+__all__ = [
+    "BACKGROUNDS", "COLOURS", "FPS", "HELD_OUT", "MOTIONS", "NUM_FRAMES", "SHAPES", "SIZE", "SIZES",
+    "ShapesStream", "canonical_caption", "eval_paraphrase", "make_prompts", "paraphrase", "render",
+    "render_batch", "sample_batch", "sample_record", "validate_record", "write_dataset",
+]
