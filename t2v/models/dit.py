@@ -1,0 +1,568 @@
+"""Spatial-temporal diffusion transformer (DiT) over video latents, trained by flow matching.
+
+Read top to bottom: helpers (timestep embedding, 3D RoPE), attention modules, the block, the model.
+
+- Tokens: non-overlapping 3D patches of the latent video (a Linear over each flattened patch), ordered
+  (t h w). Positions enter only through 3D rotary embeddings computed for the actual grid, so one model
+  serves any frame count and resolution.
+- Conditioning: a sinusoidal timestep embedding plus (optionally) a projected pooled text vector give a
+  vector `c`. One shared `SiLU -> Linear` maps `c` to modulation that each block offsets by its own
+  learned table (adaLN-single, as PixArt-alpha and Wan). Both start at zero, so every block starts as the
+  identity (adaLN-zero). Text tokens enter through cross-attention with a padding mask.
+- Self-attention layouts: "full" attends over all T*H*W tokens (Wan, CogVideoX); "factorized" runs
+  spatial attention within each frame, then temporal attention at each spatial position (Latte, STDiT),
+  each with its own adaLN shift/scale/gate.
+- The model predicts the flow-matching velocity (noise - x0) at timestep = sigma * 1000.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+
+from t2v.models.attention import BACKENDS, attention, check_backend
+
+LAYOUTS = ("full", "factorized")
+TIMESTEP_FREQ_DIM = 256
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of float timesteps. t: (B,) -> (B, dim) float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def default_rope_axes_dim(head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of head_dim over (t, h, w): h = w = 2 * (head_dim // 6), t takes the rest."""
+    hw = 2 * (head_dim // 6)
+    return (head_dim - 2 * hw, hw, hw)
+
+
+def rope_3d(
+    grid: tuple[int, int, int], axes_dim: tuple[int, int, int], theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables for tokens ordered (t h w): each (T*H*W, head_dim // 2), float32."""
+    angles = []
+    for axis, (size, dim) in enumerate(zip(grid, axes_dim)):
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)  # (dim/2,)
+        angle = torch.outer(torch.arange(size, dtype=torch.float32, device=device), freqs)  # (size, dim/2)
+        shape = [1, 1, 1, dim // 2]
+        shape[axis] = size
+        angles.append(angle.view(shape).expand(*grid, dim // 2))
+    angles = torch.cat(angles, dim=-1).flatten(0, 2)  # (T*H*W, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of x (B, heads, N, D) by the angles of cos/sin (N, D/2), in float32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, heads, N, D/2)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def modulate(x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: norm(x) * (1 + scale) + shift, computed in float32. x: (B, N, D); shift, scale: (B, 1, D)."""
+    return (norm(x.float()) * (1 + scale.float()) + shift.float()).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim, computed in float32 (used on queries and keys per head)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention modules
+# ----------------------------------------------------------------------------------------------------
+
+# How each self-attention axis folds the (t s) token sequence (s = h * w) into independent sequences.
+_FOLDS = {
+    "spatial": ("b h (t s) d -> (b t) h s d", "(b t) h s d -> b h (t s) d"),
+    "temporal": ("b h (t s) d -> (b s) h t d", "(b s) h t d -> b h (t s) d"),
+}
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with QK RMS-norm and 3D RoPE.
+
+    `axis` is "full" (all tokens), "spatial" (tokens of one frame) or "temporal" (tokens at one spatial
+    position). RoPE is applied before folding, so every axis sees true 3D positions. The kernel call is
+    `self.attention_fn(q, k, v, mask)`; a hook set by `VideoDiT.set_self_attention_hook` replaces it.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, axis: str, backend: str):
+        super().__init__()
+        head_dim = dim // num_heads
+        self.num_heads = num_heads
+        self.axis = axis
+        self.backend = backend
+        # Kept out of the module tree: a hook owns no parameters to save.
+        self.__dict__["attention_hook"] = None
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.norm_q = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.to_out = nn.Linear(dim, dim)
+
+    def attention_fn(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.attention_hook is not None:
+            return self.attention_hook(q, k, v, mask)
+        return attention(q, k, v, mask, backend=self.backend)
+
+    def forward(
+        self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, grid: tuple[int, int, int]
+    ) -> torch.Tensor:
+        # x: (B, N, D) with tokens ordered (t h w); rope_cos/sin: (N, head_dim/2)
+        qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        q = apply_rope(self.norm_q(q), rope_cos, rope_sin)
+        k = apply_rope(self.norm_k(k), rope_cos, rope_sin)
+        if self.axis == "full":
+            out = self.attention_fn(q, k, v, None)
+        else:
+            fold, unfold = _FOLDS[self.axis]
+            frames, height, width = grid
+            q, k, v = (rearrange(z, fold, t=frames) for z in (q, k, v))  # (B', heads, N', head_dim)
+            out = self.attention_fn(q, k, v, None)
+            out = rearrange(out, unfold, t=frames, s=height * width)  # (B, heads, N, head_dim)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from video tokens to text tokens; padding tokens are never attended."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, backend: str):
+        super().__init__()
+        head_dim = dim // num_heads
+        self.num_heads = num_heads
+        self.backend = backend
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(dim, 2 * dim)
+        self.norm_q = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, D); context: (B, L, D); context_mask: (B, L) bool, True = real token
+        q = self.norm_q(rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads))
+        kv = rearrange(self.to_kv(context), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
+        k, v = kv.unbind(0)  # each (B, heads, L, head_dim)
+        k = self.norm_k(k)
+        # A fully padded row attends to nothing; `attention` returns zeros for it, not NaN.
+        out = attention(q, k, v, context_mask[:, None, None, :], backend=self.backend)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Block
+# ----------------------------------------------------------------------------------------------------
+
+
+class VideoDiTBlock(nn.Module):
+    """Self-attention (full, or spatial then temporal), cross-attention to text, MLP; adaLN-modulated.
+
+    Modulation rows, 3 per adaLN group, in order: (shift, scale, gate) for each self-attention, then for
+    the MLP. Cross-attention uses a plain affine LayerNorm and no gate, as in PixArt-alpha and Wan.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden_size: int,
+        layout: str,
+        qk_norm: bool,
+        eps: float,
+        backend: str,
+    ):
+        super().__init__()
+        axes = ("full",) if layout == "full" else ("spatial", "temporal")
+        self.num_modulations = 3 * (len(axes) + 1)
+        # Per-block offset added to the shared timestep modulation (adaLN-single).
+        self.modulation = nn.Parameter(torch.zeros(self.num_modulations, dim))
+        self.norm_attn = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.self_attns = nn.ModuleList(SelfAttention(dim, num_heads, qk_norm, eps, a, backend) for a in axes)
+        self.norm_cross = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, num_heads, qk_norm, eps, backend)
+        self.norm_mlp = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_hidden_size), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden_size, dim)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        modulation: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        grid: tuple[int, int, int],
+    ) -> torch.Tensor:
+        # x: (B, N, D); modulation: (B, num_modulations, D) shared across blocks
+        mod = modulation.float() + self.modulation.float()  # (B, num_modulations, D)
+        *attn_mods, mlp_mod = rearrange(mod, "b (g three) d -> g three b 1 d", three=3)
+
+        # 1. self-attention: one full, or spatial then temporal, each with its own shift/scale/gate
+        for attn, (shift, scale, gate) in zip(self.self_attns, attn_mods):
+            x = x + gate * attn(modulate(x, self.norm_attn, shift, scale), rope_cos, rope_sin, grid)
+
+        # 2. cross-attention to the text tokens
+        x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
+
+        # 3. feed-forward
+        shift, scale, gate = mlp_mod
+        x = x + gate * self.mlp(modulate(x, self.norm_mlp, shift, scale))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------
+
+
+class VideoDiT(ModelMixin, ConfigMixin):
+    """Text-conditioned video DiT predicting the flow-matching velocity of latents (B, C, T, H, W).
+
+    `forward` is factored for sequence parallelism: `prepare_tokens` (patchify + RoPE tables, the tensors
+    to shard along the sequence), `embed_conditions`, `forward_blocks`, `final_layer`, `unpatchify`.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["VideoDiTBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        out_channels: int | None = None,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        hidden_size: int = 1152,
+        num_layers: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        mlp_hidden_size: int | None = None,
+        text_dim: int = 4096,
+        pooled_dim: int = 0,
+        attention_layout: str = "full",
+        qk_norm: bool = True,
+        rope_theta: float = 10000.0,
+        rope_axes_dim: tuple[int, int, int] | None = None,
+        attention_backend: str = "sdpa",
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        patch_size = tuple(patch_size)
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("hidden_size", hidden_size), ("num_layers", num_layers),
+                            ("num_heads", num_heads), ("text_dim", text_dim)):  # fmt: skip
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if len(patch_size) != 3 or not all(isinstance(p, int) and p > 0 for p in patch_size):
+            raise ValueError(f"patch_size={patch_size} must be three positive integers (t, h, w)")
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        head_dim = hidden_size // num_heads
+        axes_dim = default_rope_axes_dim(head_dim) if rope_axes_dim is None else tuple(rope_axes_dim)
+        if len(axes_dim) != 3 or sum(axes_dim) != head_dim or any(d <= 0 or d % 2 for d in axes_dim):
+            raise ValueError(
+                f"rope_axes_dim {axes_dim} must be three positive even sizes summing to head_dim {head_dim} "
+                f"(hidden_size {hidden_size} / num_heads {num_heads}) for 3D RoPE over (t, h, w)"
+            )
+        if mlp_hidden_size is None:
+            if mlp_ratio <= 0:
+                raise ValueError(f"mlp_ratio={mlp_ratio} must be positive")
+            mlp_hidden_size = int(hidden_size * mlp_ratio)
+        if not isinstance(mlp_hidden_size, int) or mlp_hidden_size <= 0:
+            raise ValueError(f"mlp_hidden_size={mlp_hidden_size!r} must be a positive integer")
+        if not isinstance(pooled_dim, int) or pooled_dim < 0:
+            raise ValueError(
+                f"pooled_dim={pooled_dim!r} must be a non-negative integer (0 = no pooled vector)"
+            )
+        if attention_layout not in LAYOUTS:
+            raise ValueError(f"attention_layout {attention_layout!r} is unknown; choose one of {LAYOUTS}")
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend {attention_backend!r} is unknown; choose one of {BACKENDS}")
+        if rope_theta <= 0:
+            raise ValueError(f"rope_theta={rope_theta} must be positive")
+
+        self.out_channels = out_channels
+        self.patch_size = patch_size
+        self.rope_axes_dim = axes_dim
+        patch_volume = math.prod(patch_size)
+
+        # Embedders: patches, timestep, pooled text vector, text tokens.
+        self.patch_embed = nn.Linear(in_channels * patch_volume, hidden_size)
+        self.time_embed = nn.Sequential(
+            nn.Linear(TIMESTEP_FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+        self.pooled_embed = (
+            nn.Sequential(nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+            if pooled_dim > 0
+            else None
+        )
+        self.text_embed = nn.Sequential(
+            nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
+        )
+
+        self.blocks = nn.ModuleList(
+            VideoDiTBlock(
+                hidden_size, num_heads, mlp_hidden_size, attention_layout, qk_norm, eps, attention_backend
+            )
+            for _ in range(num_layers)
+        )
+        # Shared adaLN projection of the conditioning vector, offset per block by its own table.
+        num_modulations = self.blocks[0].num_modulations
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, num_modulations * hidden_size))
+
+        # Final layer: adaLN shift/scale, then a linear map to the patch volume.
+        self.norm_out = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=False)
+        self.adaln_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.proj_out = nn.Linear(hidden_size, patch_volume * out_channels)
+
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # All linear layers (patch embedding included, a Linear over flattened patches): Xavier-uniform
+        # weights and zero biases, as in DiT.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # Timestep, pooled-text and text-token MLPs: small normal weights, as DiT's timestep embedder.
+        embedders = [self.time_embed, self.text_embed] + ([self.pooled_embed] if self.pooled_embed else [])
+        for embedder in embedders:
+            for layer in embedder:
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=0.02)
+        # adaLN modulation (shared projection and per-block tables): zero, so shift = scale = gate = 0 and
+        # each block's gated branches start switched off; the network starts as the identity (adaLN-zero).
+        nn.init.zeros_(self.adaln[-1].weight)
+        nn.init.zeros_(self.adaln[-1].bias)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation)
+        # Final modulation and output projection: zero, so the initial velocity prediction is exactly zero.
+        nn.init.zeros_(self.adaln_out[-1].weight)
+        nn.init.zeros_(self.adaln_out[-1].bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    # -- attention backend and hook ------------------------------------------------------------------
+
+    def set_attention_backend(self, name: str) -> None:
+        """Use attention backend `name` ("sdpa" or "xformers") in every attention module."""
+        check_backend(name)
+        for module in self.modules():
+            if isinstance(module, (SelfAttention, CrossAttention)):
+                module.backend = name
+        self.register_to_config(attention_backend=name)
+
+    def set_self_attention_hook(self, fn: AttentionFn | None) -> None:
+        """Replace the kernel of every self-attention with `fn(q, k, v, mask) -> out`, all (B, heads, N, D).
+
+        For sequence parallelism (e.g. Ulysses all-to-all around a local `attention` call). With the
+        factorized layout the hook receives folded sequences: frames (spatial) or positions (temporal) as
+        batch. `None` restores the configured backend.
+        """
+        if fn is not None and not callable(fn):
+            raise ValueError(f"self-attention hook must be callable or None, got {type(fn).__name__}")
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.__dict__["attention_hook"] = fn
+
+    # -- forward, factored ---------------------------------------------------------------------------
+
+    def prepare_tokens(
+        self, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+        """Patchify latents and build RoPE tables for their grid.
+
+        Returns tokens (B, N, D), rope_cos and rope_sin (N, head_dim/2) and grid (T', H', W'), N = T'H'W'.
+        Tokens are ordered (t h w); a sequence-parallel wrapper shards tokens on dim 1 and RoPE on dim 0.
+        """
+        p_t, p_h, p_w = self.patch_size
+        _, _, frames, height, width = hidden_states.shape
+        grid = (frames // p_t, height // p_h, width // p_w)
+        patches = rearrange(
+            hidden_states,
+            "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)",
+            pt=p_t, ph=p_h, pw=p_w,
+        )  # fmt: skip
+        tokens = self.patch_embed(patches.to(self.patch_embed.weight.dtype))  # (B, N, D)
+        rope_cos, rope_sin = rope_3d(grid, self.rope_axes_dim, self.config.rope_theta, hidden_states.device)
+        return tokens, rope_cos, rope_sin, grid
+
+    def embed_conditions(
+        self,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the conditioning vector c (B, D), shared block modulation (B, M, D), text tokens (B, L, D)."""
+        dtype = self.patch_embed.weight.dtype
+        cond = self.time_embed(timestep_embedding(timestep, TIMESTEP_FREQ_DIM).to(dtype))  # (B, D)
+        if self.pooled_embed is not None:
+            cond = cond + self.pooled_embed(pooled_projections.to(dtype))
+        modulation = self.adaln(cond).unflatten(1, (-1, self.config.hidden_size))  # (B, M, D)
+        context = self.text_embed(encoder_hidden_states.to(dtype))  # (B, L, D)
+        return cond, modulation, context
+
+    def forward_blocks(
+        self,
+        tokens: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        modulation: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        grid: tuple[int, int, int],
+    ) -> torch.Tensor:
+        """Run all blocks on tokens (B, N, D), with gradient checkpointing when enabled."""
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(
+                    block, tokens, context, context_mask, modulation, rope_cos, rope_sin, grid
+                )
+            else:
+                tokens = block(tokens, context, context_mask, modulation, rope_cos, rope_sin, grid)
+        return tokens
+
+    def final_layer(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """adaLN shift/scale and projection: (B, N, D) -> (B, N, patch_volume * out_channels)."""
+        shift, scale = self.adaln_out(cond).unsqueeze(1).chunk(2, dim=-1)  # each (B, 1, D)
+        return self.proj_out(modulate(tokens, self.norm_out, shift, scale))
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, N, patch_volume * C) -> (B, C, T, H, W)."""
+        p_t, p_h, p_w = self.patch_size
+        frames, height, width = grid
+        return rearrange(
+            x,
+            "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
+            t=frames, h=height, w=width, pt=p_t, ph=p_h, pw=p_w,
+        )  # fmt: skip
+
+    def _check_inputs(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+        pooled_projections: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate inputs; return timestep (B,) float32 and the text mask (B, L) bool."""
+        config = self.config
+        if hidden_states.ndim != 5:
+            raise ValueError(f"hidden_states must be (B, C, T, H, W), got shape {tuple(hidden_states.shape)}")
+        batch, channels, frames, height, width = hidden_states.shape
+        if channels != config.in_channels:
+            raise ValueError(f"hidden_states has {channels} channels, the model expects {config.in_channels}")
+        if any(size % p for size, p in zip((frames, height, width), self.patch_size)):
+            raise ValueError(
+                f"latent size (T, H, W) = {(frames, height, width)} is not divisible by patch_size {self.patch_size}"
+            )
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
+            raise ValueError(
+                f"encoder_hidden_states must be (B={batch}, L, {config.text_dim}), "
+                f"got shape {tuple(encoder_hidden_states.shape)}"
+            )
+        if encoder_hidden_states.shape[2] != config.text_dim:
+            raise ValueError(
+                f"encoder_hidden_states has dim {encoder_hidden_states.shape[2]}, the model expects {config.text_dim}"
+            )
+        length = encoder_hidden_states.shape[1]
+
+        timestep = torch.as_tensor(timestep, device=hidden_states.device, dtype=torch.float32)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        if tuple(timestep.shape) != (batch,):
+            raise ValueError(
+                f"timestep must be a scalar or shaped (B={batch},), got shape {tuple(timestep.shape)}"
+            )
+
+        if encoder_attention_mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device)
+        else:
+            if tuple(encoder_attention_mask.shape) != (batch, length):
+                raise ValueError(
+                    f"encoder_attention_mask must be (B={batch}, L={length}), "
+                    f"got shape {tuple(encoder_attention_mask.shape)}"
+                )
+            mask = (
+                encoder_attention_mask
+                if encoder_attention_mask.dtype == torch.bool
+                else encoder_attention_mask != 0
+            )
+
+        if config.pooled_dim > 0:
+            if pooled_projections is None:
+                raise ValueError(
+                    f"pooled_projections (B, {config.pooled_dim}) is required: pooled_dim={config.pooled_dim}"
+                )
+            if tuple(pooled_projections.shape) != (batch, config.pooled_dim):
+                raise ValueError(
+                    f"pooled_projections must be (B={batch}, {config.pooled_dim}), "
+                    f"got shape {tuple(pooled_projections.shape)}"
+                )
+        elif pooled_projections is not None:
+            raise ValueError(
+                "pooled_projections given but the model has pooled_dim=0 (no pooled text vector)"
+            )
+        return timestep, mask
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict the velocity (noise - x0) for latents (B, C, T, H, W) at timestep = sigma * 1000 (B,).
+
+        encoder_hidden_states: (B, L, text_dim); encoder_attention_mask: (B, L), True / nonzero = real token
+        (None = all real); pooled_projections: (B, pooled_dim), required iff pooled_dim > 0.
+        """
+        timestep, context_mask = self._check_inputs(
+            hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections
+        )
+        # 1. tokens and their RoPE tables
+        tokens, rope_cos, rope_sin, grid = self.prepare_tokens(hidden_states)  # (B, N, D)
+        # 2. conditioning: timestep (+ pooled text) vector, shared modulation, text tokens
+        cond, modulation, context = self.embed_conditions(timestep, encoder_hidden_states, pooled_projections)
+        # 3. transformer blocks
+        tokens = self.forward_blocks(tokens, context, context_mask, modulation, rope_cos, rope_sin, grid)
+        # 4. final layer and unpatchify
+        out = self.unpatchify(self.final_layer(tokens, cond), grid)  # (B, C_out, T, H, W)
+        out = out.to(hidden_states.dtype)
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
