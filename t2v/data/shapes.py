@@ -457,7 +457,7 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int, split: str = 
     """Write `num` clips to `out_dir/videos/*.mp4` and `out_dir/manifest.csv`; returns the manifest path.
 
     Columns: path (relative to the manifest), caption (canonical), record (JSON), paraphrases (JSON list of
-    training paraphrases). Videos and the manifest are written under temporary names and renamed, so an
+    training paraphrases), fps, frames, width, height. Videos and the manifest are written under temporary names and renamed, so an
     interrupted run never leaves a manifest or a half-written video.
     """
     from tqdm import tqdm
@@ -479,11 +479,12 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int, split: str = 
         write_video(tmp, render(record))
         os.replace(tmp, video_dir / name)
         rows.append({"path": f"videos/{name}", "caption": canonical_caption(record),
-                     "record": json.dumps(record), "paraphrases": json.dumps(paraphrases)})
+                     "record": json.dumps(record), "paraphrases": json.dumps(paraphrases),
+                     "fps": FPS, "frames": NUM_FRAMES, "width": SIZE, "height": SIZE})
     manifest = out_dir / "manifest.csv"
     tmp = out_dir / ".tmp-manifest.csv"
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "caption", "record", "paraphrases"])
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, manifest)

@@ -1,0 +1,293 @@
+import csv
+import json
+import runpy
+from collections import Counter
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from t2v.data import shapes
+from t2v.data.shapes import (
+    HELD_OUT,
+    ShapesStream,
+    canonical_caption,
+    eval_paraphrase,
+    paraphrase,
+    render,
+    render_batch,
+    sample_batch,
+    sample_record,
+    validate_record,
+    write_dataset,
+)
+from t2v.eval.shapes_readback import attribute_accuracy, read_back, score
+
+# The contract's numbers, written out independently of the module.
+CONTRACT_COLOURS = {
+    "red": (230, 40, 40), "green": (40, 190, 70), "blue": (40, 90, 230), "yellow": (240, 220, 40),
+    "purple": (160, 60, 210), "orange": (250, 140, 20), "cyan": (40, 210, 220),
+}
+CONTRACT_MOTIONS = {"moving left": (-2, 0), "moving right": (2, 0), "moving up": (0, -2), "moving down": (0, 2),
+                    "staying still": (0, 0)}
+CONTRACT_HELD_OUT = {("purple", "triangle"), ("cyan", "square"), ("orange", "circle")}
+
+
+def _records(seed, count, split="any", num_objects=None):
+    rng = np.random.default_rng(seed)
+    return [sample_record(rng, num_objects, split) for _ in range(count)]
+
+
+def _pairs(record):
+    return {(obj["colour"], obj["shape"]) for obj in record["objects"]}
+
+
+def test_constants_match_contract():
+    assert (shapes.NUM_FRAMES, shapes.SIZE, shapes.FPS) == (17, 64, 8)
+    assert shapes.BACKGROUNDS == {"black": (0, 0, 0), "white": (255, 255, 255)}
+    assert shapes.COLOURS == CONTRACT_COLOURS
+    assert set(shapes.SHAPES) == {"circle", "square", "triangle"}
+    assert shapes.SIZES == {"small": 5, "large": 9}
+    assert shapes.MOTIONS == CONTRACT_MOTIONS
+    assert set(HELD_OUT) == CONTRACT_HELD_OUT
+
+
+def test_records_are_deterministic_and_follow_contract():
+    records = _records(0, 1500)
+    assert records == _records(0, 1500)
+    assert records != _records(1, 1500)
+    counts = Counter((len(r["objects"]), r["background"]) for r in records)
+    assert set(counts) == {(1, "black"), (1, "white"), (2, "black"), (2, "white")}
+    for record in records:
+        assert set(record) == {"background", "objects"}
+        for obj in record["objects"]:
+            assert set(obj) == {"colour", "shape", "size", "motion", "start"}
+            r = shapes.SIZES[obj["size"]]
+            vx, vy = CONTRACT_MOTIONS[obj["motion"]]
+            for f in (0, 16):
+                x, y = obj["start"][0] + f * vx, obj["start"][1] + f * vy
+                assert r <= x <= 63 - r and r <= y <= 63 - r
+        if len(record["objects"]) == 2:
+            first, second = record["objects"]
+            assert first["colour"] != second["colour"]
+            background = np.array(shapes.BACKGROUNDS[record["background"]])
+            drawn = [(render({**record, "objects": [obj]}) != background).any(-1) for obj in record["objects"]]
+            assert not (drawn[0] & drawn[1]).any()
+        json.dumps(record)  # plain JSON types
+
+
+def test_splits_control_held_out_pairs():
+    assert all(not (_pairs(r) & HELD_OUT) for r in _records(2, 5000, "train"))
+    heldout = _records(3, 300, "heldout")
+    assert all(_pairs(r) & HELD_OUT for r in heldout)
+    assert {len(r["objects"]) for r in heldout} == {1, 2}
+    assert any(_pairs(r) & HELD_OUT for r in _records(4, 500, "any"))
+    with pytest.raises(ValueError, match="split"):
+        sample_record(np.random.default_rng(0), split="test")
+
+
+def test_validate_record_rejects_bad_values():
+    good = {"background": "black", "objects": [{"colour": "red", "shape": "circle", "size": "small",
+                                                "motion": "moving left", "start": [40, 30]}]}
+    validate_record(good)
+    with pytest.raises(ValueError, match="colour 'pink'"):
+        validate_record({**good, "objects": [{**good["objects"][0], "colour": "pink"}]})
+    with pytest.raises(ValueError, match="leaves the frame"):
+        validate_record({**good, "objects": [{**good["objects"][0], "start": [20, 30]}]})  # 20 - 32 < 5
+
+
+def test_render_draws_exact_pixels():
+    def one(shape, size, motion, start, background="white"):
+        obj = {"colour": "blue", "shape": shape, "size": size, "motion": motion, "start": start}
+        video = render({"background": background, "objects": [obj]})
+        assert video.shape == (17, 64, 64, 3) and video.dtype == np.uint8
+        return (video == np.array(CONTRACT_COLOURS["blue"])).all(-1)  # (T, H, W)
+
+    square = one("square", "small", "staying still", [10, 20])
+    assert square.sum(axis=(1, 2)).tolist() == [121] * 17
+    assert square[0, 15:26, 5:16].all()
+    circle = one("circle", "large", "moving right", [20, 30])
+    assert circle[0].sum() == 253  # integer points with x^2 + y^2 <= 81
+    assert circle[16, 30, 52 - 9] and circle[16, 30, 52 + 9] and not circle[16, 30, 52 + 10]
+    triangle = one("triangle", "small", "moving up", [30, 50], "black")
+    assert triangle[0].sum() == 61
+    assert triangle[0, 45, 30] and not triangle[0, 45, 29]  # apex (cx, cy - r) is one pixel
+    assert triangle[0, 55, 25:36].all()  # base row spans cx - r .. cx + r
+    assert triangle[16, 55 - 32, 25:36].all()
+
+
+def test_render_batch_matches_render():
+    records = _records(5, 120)
+    expected = np.stack([render(r) for r in records])
+    got = render_batch(records, chunk_size=50)
+    assert got.dtype == torch.uint8 and got.shape == (120, 17, 64, 64, 3)
+    assert np.array_equal(got.numpy(), expected)
+
+
+def test_canonical_caption_format():
+    record = {"background": "black", "objects": [{"colour": "red", "shape": "circle", "size": "small",
+                                                  "motion": "moving left", "start": [40, 30]}]}
+    assert canonical_caption(record) == "a small red circle moving left on a black background"
+    second = {"colour": "blue", "shape": "square", "size": "large", "motion": "staying still", "start": [12, 12]}
+    record = {"background": "white", "objects": [record["objects"][0], second]}
+    assert canonical_caption(record) == (
+        "a small red circle moving left and a large blue square staying still on a white background"
+    )
+
+
+def test_eval_wordings_are_disjoint_from_training_wordings():
+    rng = np.random.default_rng(6)
+    records = _records(7, 400)
+    train = {canonical_caption(r) for r in records}
+    for record in records:
+        train.update(paraphrase(record, rng) for _ in range(8))
+    evaluation = {eval_paraphrase(r, rng) for r in records for _ in range(3)}
+    assert not train & evaluation
+    train_words = {w.strip(",:") for caption in train for w in caption.split()}
+    for caption in evaluation:
+        assert {w.strip(",:") for w in caption.split()} - train_words, caption
+    # Training wordings are varied: one record gets many distinct captions.
+    assert len({paraphrase(records[0], rng) for _ in range(200)}) > 40
+    # Every wording names every colour and shape.
+    for record in records[:50]:
+        for caption in (paraphrase(record, rng), eval_paraphrase(record, rng)):
+            for obj in record["objects"]:
+                assert obj["colour"] in caption and obj["shape"] in caption
+
+
+def test_read_back_is_exact_on_rendered_videos():
+    records = _records(8, 150)
+    assert {(len(r["objects"]), r["background"]) for r in records} == {
+        (1, "black"), (1, "white"), (2, "black"), (2, "white")}
+    assert attribute_accuracy(render_batch(records), records) == dict.fromkeys(
+        ("background", "colour", "shape", "size", "motion", "all"), 1.0)
+    pred = read_back(render(records[0]))
+    assert [obj["start"] for obj in pred["objects"]] == [
+        obj["start"] for obj in sorted(records[0]["objects"], key=lambda o: list(shapes.COLOURS).index(o["colour"]))
+    ]
+
+
+def test_write_dataset_round_trip(tmp_path):
+    manifest = write_dataset(tmp_path / "data", num=10, seed=9, split="train")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["manifest.csv", "videos"]
+    assert not [p for p in (tmp_path / "data" / "videos").iterdir() if p.name.startswith(".")]
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10
+    videos, records = [], []
+    for row in rows:
+        record = json.loads(row["record"])
+        assert row["caption"] == canonical_caption(record)
+        assert not _pairs(record) & HELD_OUT
+        assert len(json.loads(row["paraphrases"])) > 0
+        with av.open(str(manifest.parent / row["path"])) as container:
+            video = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+        assert video.shape == (17, 64, 64, 3)
+        assert np.abs(video.astype(int) - render(record)).max() <= 16  # flat colours survive compression
+        videos.append(video)
+        records.append(record)
+    assert attribute_accuracy(videos, records)["all"] == 1.0
+
+
+def test_read_back_survives_corrupted_videos():
+    truth = _records(10, 1)[0]
+    blank = np.zeros((17, 64, 64, 3), dtype=np.uint8)
+    assert read_back(blank) == {"background": "black", "objects": []}
+    noise = np.random.default_rng(0).integers(0, 256, (17, 64, 64, 3), dtype=np.uint8)
+    for video in (blank, noise, np.full((17, 64, 64, 3), 128, dtype=np.uint8)):
+        result = score(read_back(video), truth)
+        assert not result["all"] and not result["colour"]
+    # One object vanishing after frame 5 is not detected; a filled frame is not a small or large shape.
+    flicker = render(truth)
+    flicker[5:] = flicker[0, 0, 0]
+    assert read_back(flicker)["objects"] == []
+    full = np.zeros((17, 64, 64, 3), dtype=np.uint8)
+    full[:, 2:62, 2:62] = CONTRACT_COLOURS["red"]
+    (obj,) = read_back(full)["objects"]
+    assert obj["size"] == "unknown" and obj["motion"] == "staying still"
+    with pytest.raises(ValueError, match="uint8"):
+        read_back(np.zeros((17, 64, 64, 3), dtype=np.float32))
+
+
+def test_score_matches_objects_by_colour():
+    truth = {"background": "black", "objects": [
+        {"colour": "red", "shape": "circle", "size": "small", "motion": "moving left"},
+        {"colour": "blue", "shape": "square", "size": "large", "motion": "staying still"}]}
+    swapped = {"background": "black", "objects": truth["objects"][::-1]}
+    assert all(score(swapped, truth).values())
+    wrong_motion = {"background": "black", "objects": [{**truth["objects"][0], "motion": "moving up"},
+                                                       truth["objects"][1]]}
+    assert score(wrong_motion, truth) == {"background": True, "colour": True, "shape": True, "size": True,
+                                          "motion": False, "all": False}
+    extra = {"background": "white", "objects": truth["objects"] + [{**truth["objects"][0], "colour": "green"}]}
+    assert score(extra, truth) == {"background": False, "colour": False, "shape": True, "size": True,
+                                   "motion": True, "all": False}
+    missing = {"background": "black", "objects": truth["objects"][:1]}
+    assert score(missing, truth) == {"background": True, "colour": False, "shape": False, "size": False,
+                                     "motion": False, "all": False}
+    videos = render_batch(_records(11, 4))
+    with pytest.raises(ValueError, match="same number"):
+        attribute_accuracy(videos, _records(11, 3))
+
+
+def test_stream_is_deterministic_rank_aware_and_resumable():
+    def take(stream, n):
+        items = []
+        for item in stream:
+            items.append(item)
+            if len(items) == n:
+                return items
+
+    first = take(ShapesStream(seed=1, canonical_prob=0.5), 30)
+    assert [i["record"] for i in first] == [i["record"] for i in take(ShapesStream(seed=1), 30)]
+    other_rank = take(ShapesStream(seed=1, rank=1, world_size=2), 30)
+    assert [i["record"] for i in first] != [i["record"] for i in other_rank]
+    resumed = take(ShapesStream(seed=1, start_index=10), 5)
+    assert [i["caption"] for i in resumed] == [i["caption"] for i in first[10:15]]
+    for item in first + other_rank:
+        assert item["video"].dtype == torch.uint8 and item["video"].shape == (17, 64, 64, 3)
+        assert torch.equal(item["video"], torch.from_numpy(render(item["record"])))
+        assert not _pairs(item["record"]) & HELD_OUT
+    assert {i["caption"] == canonical_caption(i["record"]) for i in first} == {True, False}
+    with pytest.raises(ValueError, match="rank 2"):
+        ShapesStream(rank=2, world_size=2)
+
+
+def test_stream_splits_across_dataloader_workers():
+    loader = torch.utils.data.DataLoader(ShapesStream(seed=2), batch_size=None, num_workers=2)
+    items = []
+    for item in loader:
+        items.append(item)
+        if len(items) == 6:
+            break
+    captions = [item["caption"] for item in items]
+    assert captions[0::2] != captions[1::2]  # workers alternate and draw different samples
+    assert len({json.dumps(item["record"]) for item in items}) == 6
+
+
+def test_sample_batch():
+    videos, captions, records = sample_batch(np.random.default_rng(0), 8, "train", canonical_prob=1.0)
+    assert videos.shape == (8, 17, 64, 64, 3) and videos.dtype == torch.uint8
+    assert captions == [canonical_caption(r) for r in records]
+    assert np.array_equal(videos[3].numpy(), render(records[3]))
+
+
+def test_prompt_script(tmp_path):
+    main = runpy.run_path("scripts/make_shapes_prompts.py")["main"]
+    out = tmp_path / "prompts.jsonl"
+    main(["--out", str(out), "--seed", "0"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) >= 200
+    counts = Counter(row["category"] for row in rows)
+    assert set(counts) == {"seen", "heldout", "paraphrase", "two_object"} and min(counts.values()) >= 50
+    for row in rows:
+        validate_record(row["record"])
+        held = bool(_pairs(row["record"]) & HELD_OUT)
+        assert held == (row["category"] == "heldout")
+        canonical = row["prompt"] == canonical_caption(row["record"])
+        assert canonical == (row["category"] != "paraphrase")
+    assert {len(r["record"]["objects"]) for r in rows if r["category"] == "two_object"} == {2}
+    again = tmp_path / "again.jsonl"
+    main(["--out", str(again), "--seed", "0"])
+    assert again.read_text() == out.read_text()
