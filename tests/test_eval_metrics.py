@@ -9,7 +9,7 @@ import torch
 from t2v.eval.frechet import feature_stats, frechet_distance
 from t2v.eval.retrieval import retrieval_metrics, retrieval_ranks
 from t2v.eval.similarity import clipsim, r_precision
-from t2v.eval.temporal import dynamic_degree, motion_smoothness, temporal_flicker
+from t2v.eval.temporal import dynamic_degree, motion_magnitude, motion_smoothness, temporal_flicker
 
 KEYS = {f"{d}/{m}" for d in ("t2v", "v2t") for m in ("R1", "R5", "R10", "MedR", "MnR")}
 
@@ -216,10 +216,22 @@ def test_flickering_video():
 
 def test_dynamic_degree_and_lists_of_different_lengths():
     videos = [_video([5] * 3), _video([0, 10, 20, 30, 40])]
+    np.testing.assert_allclose(motion_magnitude(videos), [0.0, 10.0])
     assert dynamic_degree(videos, threshold=5.0) == 0.5
     np.testing.assert_array_equal(dynamic_degree(videos, threshold=5.0, per_video=True), [False, True])
     np.testing.assert_allclose(temporal_flicker(videos, per_video=True), [0.0, 10.0])
     assert temporal_flicker(torch.from_numpy(np.stack([videos[0]]))) == 0.0
+
+
+def test_small_moving_object_counts_as_motion():
+    # a white pixel moves one step per frame across a black 10 x 10 frame: each frame pair differs at
+    # 2 of 100 pixels by 255; the top 5% (5 pixels) average 2 * 255 / 5 = 102, the whole frame only 5.1
+    video = np.zeros((4, 10, 10, 3), dtype=np.uint8)
+    for t in range(4):
+        video[t, 5, 2 + t] = 255
+    assert temporal_flicker([video]) == pytest.approx(5.1)
+    assert motion_magnitude([video]) == pytest.approx([102.0])
+    assert dynamic_degree([video], threshold=10.0) == 1.0
 
 
 def test_temporal_invalid_input():
@@ -229,5 +241,7 @@ def test_temporal_invalid_input():
         motion_smoothness([_video([0, 1])])
     with pytest.raises(ValueError, match="threshold"):
         dynamic_degree([_video([0, 1])], threshold=-1)
+    with pytest.raises(ValueError, match="top_fraction"):
+        motion_magnitude([_video([0, 1])], top_fraction=0)
     with pytest.raises(ValueError, match=r"\(T, H, W, 3\)"):
         temporal_flicker([np.zeros((3, 4, 4), dtype=np.uint8)])

@@ -237,3 +237,26 @@ class XCLIPScorer(_HFScorer):
             out = self.model(**tokens, pixel_values=pixels)
             chunks.append(out.logits_per_text.float() / logit_scale)  # (M, n)
         return torch.cat(chunks, dim=1).cpu()
+
+
+SCORER_KINDS = ("clip", "xclip", "retriever")
+
+
+def parse_scorer_spec(spec: str) -> tuple[str, str]:
+    """``"KIND:PATH"`` -> ``(kind, path)``, KIND one of ``SCORER_KINDS``."""
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in SCORER_KINDS or not path:
+        raise ValueError(f"scorer {spec!r} must be KIND:PATH with KIND one of {SCORER_KINDS}")
+    return kind, path
+
+
+def load_scorer(spec: str, device=None, dtype=torch.float32):
+    """A scorer from ``"clip:PATH"``, ``"xclip:PATH"`` or ``"retriever:PATH"`` (``t2v.eval.retriever``)."""
+    kind, path = parse_scorer_spec(spec)
+    if kind == "clip":
+        return CLIPScorer(path, device=device, dtype=dtype)
+    if kind == "xclip":
+        return XCLIPScorer(path, device=device, dtype=dtype)
+    from t2v.eval.retriever import VideoTextRetriever
+
+    return VideoTextRetriever.from_pretrained(path).to(device or _default_device(), dtype)
