@@ -146,6 +146,8 @@ def test_bad_files_raise_specific_errors(media):
     with pytest.raises(VideoDecodeError) as corrupt:
         read_clip(str(media / "clips" / "broken.mp4"), 4, height=16, width=16)
     assert corrupt.value.reason == "corrupt" and isinstance(corrupt.value, BadSample)
+    with pytest.raises(ValueError, match="non-negative"):
+        read_clip(str(media / "clips" / "count.mp4"), 2, height=16, width=16, start=-1.0)
     with pytest.raises(ValueError, match="num_frames"):
         read_clip(str(media / "clips" / "count.mp4"), 0, height=16, width=16)
 

@@ -189,6 +189,8 @@ def read_clip(
         raise ValueError(f"fps {fps} must be positive or None")
     if isinstance(start, str) and start != "random":
         raise ValueError(f"start {start!r} must be None, 'random' or seconds")
+    if isinstance(start, (int, float)) and start < 0:
+        raise ValueError(f"start {start} seconds must be non-negative")
     if "://" not in path and not os.path.exists(path):
         raise VideoDecodeError(path, "no such file", reason="missing")
 
