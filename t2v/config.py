@@ -114,7 +114,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500  # 0 = only at the end
     keep_last: int = 3
-    validate_every: int = 0  # 0 = never
+    validate_every: int = 0  # 0 = only once, at the end
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 20
     validation_guidance_scale: float = 5.0

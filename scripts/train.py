@@ -1,0 +1,18 @@
+"""Train the video DiT: python scripts/train.py --config FILE [key=value ...]"""
+
+import argparse
+
+from t2v.config import load_config
+from t2v.train.dit import train_dit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML overriding the defaults of t2v.config.Config")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    args = parser.parse_args()
+    train_dit(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

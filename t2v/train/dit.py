@@ -1,0 +1,190 @@
+"""The DiT task: flow matching on VAE latents of videos, conditioned on frozen text embeddings.
+
+Data sources (`data.source`):
+    manifest  decode clips, encode them with the frozen VAE and text encoder on the fly
+    cache     sample latents from cached posteriors, use cached text (dropout -> cached "" embedding)
+    shapes    in-memory Shapes World batches, encoded on the fly
+
+    python scripts/train.py --config configs/train/debug.yaml data.manifest=clips.csv
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from torch import nn
+
+from t2v.config import Config
+from t2v.data.manifest import load_manifest
+from t2v.models.text_encoder import TextEmbedder, TextEmbeddings
+from t2v.models.vae_utils import latent_channels, normalize_latents, vae_scale_factors
+from t2v.train import trainer
+from t2v.train.export import build_pipeline, export_pipeline
+from t2v.train.flow import dynamic_shift, flow_matching_loss
+
+
+def check_clip_shape(frames: int, height: int, width: int, vae, dit) -> None:
+    """Raise ValueError unless the clip shape maps to latents the DiT can patchify."""
+    temporal, spatial = vae_scale_factors(vae)
+    p_t, p_h, p_w = dit.config.patch_size
+    if (frames - 1) % temporal:
+        raise ValueError(f"clip frames {frames} must be {temporal}k+1 for a VAE with {temporal}x temporal compression")
+    if ((frames - 1) // temporal + 1) % p_t:
+        raise ValueError(f"clip frames {frames} give latent frames not divisible by the patch size {p_t}")
+    for name, size, patch in (("height", height, p_h), ("width", width, p_w)):
+        if size % (spatial * patch):
+            raise ValueError(f"clip {name} {size} must be a multiple of {spatial * patch} (VAE {spatial} x patch {patch})")
+
+
+class DiTTask:
+    """Models, data and loss of DiT training; `trainer.train` runs it."""
+
+    def __init__(self, cfg: Config):
+        from t2v.models.dit import VideoDiT
+
+        self.cfg = cfg
+        self.device = trainer.pick_device()
+        rank, world_size = trainer.dist_info()
+        seed = cfg.train.seed
+        trainer.seed_everything(seed)
+
+        # 1. frozen VAE and text encoder (the cache path still needs them for validation and export)
+        self.vae = trainer.freeze(trainer.load_vae(cfg.model.vae, seed)).to(self.device)
+        self.text = trainer.freeze(
+            TextEmbedder.from_pretrained(
+                cfg.model.text_encoder, cfg.model.text_encoder_2 or None, max_length=cfg.model.max_text_length
+            )
+        ).to(self.device)
+
+        # 2. the transformer, checked against what feeds it
+        self.model: nn.Module = trainer.build_model(VideoDiT, cfg.model.dit, "dit", seed).to(self.device)
+        config = self.model.config
+        if config.in_channels != latent_channels(self.vae):
+            raise ValueError(f"DiT in_channels={config.in_channels} != VAE latent channels {latent_channels(self.vae)}")
+        if config.text_dim != self.text.dim:
+            raise ValueError(f"DiT text_dim={config.text_dim} != text encoder dim {self.text.dim}")
+        if config.pooled_dim not in (0, self.text.pooled_dim):
+            raise ValueError(f"DiT pooled_dim={config.pooled_dim} != text encoder pooled dim {self.text.pooled_dim}")
+        self.use_pooled = config.pooled_dim > 0
+        for bucket in cfg.data.buckets or [cfg.data]:
+            check_clip_shape(bucket.frames, bucket.height, bucket.width, self.vae, self.model)
+
+        # 3. data
+        data = cfg.data
+        if data.source == "manifest":
+            if not data.manifest:
+                raise ValueError("data.source='manifest' needs data.manifest=PATH (a CSV/JSONL with path, caption)")
+            rows = load_manifest(data.manifest, columns=dict(data.columns))
+            self.dataset, self.stream = trainer.manifest_stream(cfg, rows, data.caption_dropout, rank, world_size)
+        elif data.source == "cache":
+            self.dataset, self.stream = self._cache_stream(rank, world_size)
+            self.empty = {k: v.to(self.device) for k, v in self.dataset.cache.empty_caption().items()}
+        else:
+            self.dataset = None
+            self.stream = trainer.ShapesBatches(data.batch_size, seed, rank, data.canonical_prob,
+                                                data.caption_dropout, self.device)
+
+    def _cache_stream(self, rank: int, world_size: int):
+        from t2v.data.buckets import Bucket, BucketBatchSampler
+        from t2v.data.cache import LatentCache, LatentCacheDataset, make_fingerprint, vae_fingerprint
+
+        data = self.cfg.data
+        if not data.cache:
+            raise ValueError("data.source='cache' needs data.cache=FOLDER (made by scripts/precompute.py)")
+        if data.manifest:
+            expected = make_fingerprint(self.vae, self.text, data.manifest, data.frames, data.height, data.width,
+                                        data.fps)
+        else:  # no manifest to hash: still refuse latents of another VAE or text encoder
+            expected = dataclasses.replace(LatentCache(data.cache).fingerprint, vae=vae_fingerprint(self.vae),
+                                           text_encoder=self.text.fingerprint())
+        dataset = LatentCacheDataset(data.cache, expected)
+        bucket = Bucket(frames=data.frames, height=data.height, width=data.width, batch_size=data.batch_size)
+        sampler = BucketBatchSampler([0] * len(dataset), [bucket], seed=self.cfg.train.seed, rank=rank,
+                                     world_size=world_size)
+        return dataset, trainer.LoaderStream(dataset, sampler, None, data.num_workers, self.cfg.train.seed)
+
+    # ------------------------------------------------------------------ batches and loss
+    def next_batch(self) -> dict:
+        if self.cfg.data.source == "manifest":
+            return trainer.next_readable(self.stream, self.dataset)
+        return next(self.stream)
+
+    @torch.no_grad()
+    def encode(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, TextEmbeddings]:
+        """Normalised clean latents x0 (B, C, T', H', W') in fp32 and the text embeddings of a batch."""
+        if self.cfg.data.source == "cache":
+            from t2v.data.cache import sample_latent
+
+            mean, logvar = batch["latent_mean"].to(self.device), batch["latent_logvar"].to(self.device)
+            z = sample_latent(mean, logvar, generator)  # (B, C, T', H', W')
+            text = TextEmbeddings(batch["text_states"].to(self.device), batch["text_mask"].to(self.device),
+                                  batch["pooled"].to(self.device))
+            # Caption dropout: swap in the cached embedding of "".
+            drop = torch.rand(z.shape[0], generator=generator, device=self.device) < self.cfg.data.caption_dropout
+            if drop.any():
+                text = TextEmbeddings(*(
+                    torch.where(drop.view(-1, *[1] * (value.ndim - 1)), self.empty[key].to(value.dtype), value)
+                    for key, value in (("text_states", text.states), ("text_mask", text.mask), ("pooled", text.pooled))
+                ))
+        else:
+            video = batch["video"].to(self.device, self.vae.dtype)  # (B, 3, T, H, W) in [-1, 1]
+            z = self.vae.encode(video).latent_dist.sample(generator)  # (B, C, T', H', W')
+            text = self.text(batch["caption"])
+        return normalize_latents(self.vae, z.float()), text
+
+    def num_tokens(self, latent_shape) -> int:
+        _, _, frames, height, width = latent_shape
+        p_t, p_h, p_w = self.model.config.patch_size
+        return (frames // p_t) * (height // p_h) * (width // p_w)
+
+    def shift(self, num_tokens: int) -> float:
+        flow = self.cfg.flow
+        if flow.dynamic_shift:
+            return dynamic_shift(num_tokens, flow.base_seq_len, flow.max_seq_len, flow.base_shift, flow.max_shift)
+        return flow.shift
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> trainer.StepOutput:
+        x0, text = self.encode(batch, generator)
+        tokens = self.num_tokens(x0.shape)
+        shift = self.shift(tokens)
+
+        def velocity(x_t, timestep, states, mask, pooled):
+            return model(x_t, timestep, states, mask, pooled).sample
+
+        flow = self.cfg.flow
+        loss = flow_matching_loss(
+            velocity, x0, text.states, text.mask, text.pooled if self.use_pooled else None,
+            shift=shift, logit_mean=flow.logit_mean, logit_std=flow.logit_std, generator=generator,
+        )  # fmt: skip
+        return trainer.StepOutput(loss=loss, samples=x0.shape[0], tokens=x0.shape[0] * tokens, metrics={"shift": shift})
+
+    # ------------------------------------------------------------------ state, validation, export
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def validate(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Sample the validation prompts (fixed seeds) into {output_dir}/samples/step-N/."""
+        from t2v.generation import GenerationSettings, generate_to_folder
+
+        prompts = list(self.cfg.train.validation_prompts)
+        if not prompts:
+            return {}
+        pipe = build_pipeline(self.cfg, model, self.vae, self.text)
+        pipe.set_progress_bar_config(disable=True)
+        out_dir = os.path.join(self.cfg.output_dir, "samples", f"step-{step}")
+        generate_to_folder(pipe, prompts, out_dir, seeds=list(range(len(prompts))),
+                           settings=GenerationSettings(format="mp4"), progress=False)
+        return {"validation_videos": len(prompts)}
+
+    def export(self, model: nn.Module) -> None:
+        export_pipeline(self.cfg, model, self.vae, self.text, os.path.join(self.cfg.output_dir, "pipeline"))
+
+
+def train_dit(cfg: Config) -> trainer.TrainState:
+    """Build the DiT task from `cfg` and train it."""
+    return trainer.train(cfg, DiTTask(cfg))

@@ -1,0 +1,72 @@
+"""Turn trained components into a diffusers pipeline folder that `T2VPipeline.from_pretrained` loads."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import uuid
+
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from t2v.config import Config, FlowConfig
+from t2v.models.text_encoder import MINILM
+from t2v.train.trainer import merge_lora
+
+
+def flow_scheduler(flow: FlowConfig) -> FlowMatchEulerDiscreteScheduler:
+    """The sampler's schedule with the training shift: exp(mu) from the token count, or the fixed shift."""
+    if flow.dynamic_shift:
+        return FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True,
+            base_shift=flow.base_shift,
+            max_shift=flow.max_shift,
+            base_image_seq_len=flow.base_seq_len,
+            max_image_seq_len=flow.max_seq_len,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=flow.shift)
+
+
+def build_pipeline(cfg: Config, transformer, vae, embedder, for_saving: bool = False):
+    """A `T2VPipeline` over the given modules; generation defaults follow the training clip shape.
+
+    With `for_saving`, the pip-installed "minilm" encoder is referenced by name instead of copied.
+    """
+    from pipelines.pipeline_t2v import T2VPipeline
+
+    by_name = for_saving and cfg.model.text_encoder == MINILM
+    defaults = {
+        "num_frames": cfg.data.frames,
+        "height": cfg.data.height,
+        "width": cfg.data.width,
+        "fps": int(round(cfg.data.fps)),
+        "num_inference_steps": cfg.train.validation_steps,
+        "guidance_scale": cfg.train.validation_guidance_scale,
+    }
+    return T2VPipeline(
+        vae=vae,
+        transformer=transformer,
+        scheduler=flow_scheduler(cfg.flow),
+        text_encoder=None if by_name else embedder.encoder,
+        tokenizer=None if by_name else embedder.tokenizer,
+        text_encoder_2=embedder.encoder_2,
+        tokenizer_2=embedder.tokenizer_2,
+        text_encoder_source=MINILM if by_name else None,
+        max_sequence_length=cfg.model.max_text_length,
+        generation_defaults=defaults,
+    )
+
+
+def export_pipeline(cfg: Config, transformer, vae, embedder, out_dir: str) -> str:
+    """Save the pipeline to `out_dir` atomically (LoRA folded into a copy of the transformer)."""
+    if getattr(transformer, "_hf_peft_config_loaded", False):
+        transformer = merge_lora(copy.deepcopy(transformer))
+    pipe = build_pipeline(cfg, transformer, vae, embedder, for_saving=True)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
+    pipe.save_pretrained(tmp)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

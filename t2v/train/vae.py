@@ -1,0 +1,215 @@
+"""The VAE task: reconstruction + temporal-difference + KL, on video and 1-frame (image) batches.
+
+Reports PSNR and SSIM on held-out clips; at the end sets `scaling_factor` / `shift_factor` from the
+latents of a few batches (normalised latents get zero mean and unit std) and saves the VAE with
+`save_pretrained` to `{output_dir}/vae/`.
+
+    python scripts/train_vae.py --config configs/train/shapes_vae.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from t2v.config import Config
+from t2v.data.manifest import load_manifest
+from t2v.train import trainer
+
+HELD_OUT_STREAM = 2**20  # Shapes World stream of the held-out clips (training streams are the ranks)
+STATS_STREAM = 2**20 + 1  # stream of the clips whose latents set the normalisation
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per sample; x, y (B, ...) in [0, data_range]."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(data_range**2 / mse.clamp(min=1e-12))
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, device) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float32, device=device) - size // 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size)  # (C, 1, k, k)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity per image with a Gaussian window (Wang et al. 2004); x, y (N, C, H, W).
+
+    The window shrinks to the largest odd size that fits images smaller than `window_size`.
+    """
+    _, channels, height, width = x.shape
+    size = min(window_size, height, width)
+    size -= 1 - size % 2  # odd
+    window = _gaussian_window(size, sigma, channels, x.device)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    x, y = x.float(), y.float()
+
+    def blur(z):
+        return F.conv2d(z, window, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(dim=1)
+
+
+def video_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean per-frame SSIM per video; x, y (B, C, T, H, W) in [0, 1]."""
+    batch = x.shape[0]
+    frames = ssim(rearrange(x, "b c t h w -> (b t) c h w"), rearrange(y, "b c t h w -> (b t) c h w"))
+    return rearrange(frames, "(b t) -> b t", b=batch).mean(dim=1)
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Mean over elements of KL(N(mean, exp(logvar)) || N(0, 1))."""
+    mean, logvar = mean.float(), logvar.float()
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Task
+# ----------------------------------------------------------------------------------------------------
+
+
+class VAETask:
+    """Model, data and loss of VAE training; `trainer.train` runs it."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = trainer.pick_device()
+        rank, world_size = trainer.dist_info()
+        seed = cfg.train.seed
+        trainer.seed_everything(seed)
+        self.model: nn.Module = trainer.load_vae(cfg.model.vae, seed).to(self.device)
+        # Image batches: a random frame of each clip of a Shapes World batch, drawn from this generator.
+        self.rng = np.random.default_rng([seed, rank, 1])
+
+        data = cfg.data
+        if data.source == "manifest":
+            if not data.manifest:
+                raise ValueError("data.source='manifest' needs data.manifest=PATH (a CSV/JSONL with a path column)")
+            rows = load_manifest(data.manifest, columns=dict(data.columns))
+            train_rows, held_out = self._split_rows(rows)
+            self.dataset, self.stream = trainer.manifest_stream(cfg, train_rows, 0.0, rank, world_size)
+            eval_dataset, eval_stream = trainer.manifest_stream(cfg, held_out, 0.0, 0, 1)
+            self.eval_batches = [trainer.next_readable(eval_stream, eval_dataset)["video"]
+                                 for _ in range(cfg.vae_loss.eval_batches)]
+        elif data.source == "shapes":
+            self.dataset = None
+            self.stream = trainer.ShapesBatches(data.batch_size, seed, rank, data.canonical_prob, 0.0, self.device)
+            held = trainer.ShapesBatches(data.batch_size, seed, HELD_OUT_STREAM, data.canonical_prob, 0.0, self.device)
+            self.eval_batches = [next(held)["video"] for _ in range(cfg.vae_loss.eval_batches)]
+        else:
+            raise ValueError(f"data.source={data.source!r}: the VAE trains on pixels, use 'manifest' or 'shapes'")
+
+    def _split_rows(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """(training rows, held-out rows): the last eval_batches * batch_size rows are held out."""
+        n_eval = self.cfg.vae_loss.eval_batches * self.cfg.data.batch_size
+        if len(rows) <= n_eval:
+            raise ValueError(
+                f"manifest has {len(rows)} rows; holding out vae_loss.eval_batches * data.batch_size = {n_eval} "
+                "for PSNR/SSIM needs more"
+            )
+        return rows[:-n_eval], rows[-n_eval:]
+
+    # ------------------------------------------------------------------ batches and loss
+    def next_batch(self) -> dict:
+        if self.dataset is not None:
+            return trainer.next_readable(self.stream, self.dataset)
+        batch = next(self.stream)
+        if self.rng.random() < self.cfg.data.image_batch_prob:  # joint image training: one frame per clip
+            video = batch["video"]
+            frame = torch.as_tensor(self.rng.integers(0, video.shape[2], video.shape[0]), device=video.device)
+            batch = {**batch, "video": video[torch.arange(video.shape[0]), :, frame].unsqueeze(2)}  # (B, 3, 1, H, W)
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> trainer.StepOutput:
+        lc = self.cfg.vae_loss
+        x = batch["video"].to(self.device)  # (B, 3, T, H, W) in [-1, 1]
+        posterior = model.encode(x).latent_dist
+        z = posterior.sample(generator)  # (B, C, T', H', W')
+        recon = model.decode(z).sample.float()  # (B, 3, T, H, W)
+        distance = F.l1_loss if lc.reconstruction == "l1" else F.mse_loss
+        reconstruction = distance(recon, x)
+        if x.shape[2] > 1:  # motion: match frame-to-frame differences
+            temporal = distance(recon.diff(dim=2), x.diff(dim=2))
+        else:
+            temporal = torch.zeros((), device=x.device)
+        kl = gaussian_kl(posterior.mean, posterior.logvar)
+        loss = reconstruction + lc.temporal_weight * temporal + lc.kl_weight * kl
+        _, _, frames, height, width = z.shape
+        return trainer.StepOutput(
+            loss=loss,
+            samples=x.shape[0],
+            tokens=x.shape[0] * frames * height * width,
+            metrics={"reconstruction": reconstruction.item(), "temporal": temporal.item(), "kl": kl.item(),
+                     "image_batch": float(x.shape[2] == 1)},
+        )
+
+    # ------------------------------------------------------------------ state, validation, export
+    def state_dict(self) -> dict:
+        return {"data": self.stream.state_dict(), "image_rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["data"])
+        self.rng.bit_generator.state = state["image_rng"]
+
+    def validate(self, model: nn.Module, step: int) -> dict[str, float]:
+        """PSNR (dB) and SSIM of posterior-mean reconstructions of the held-out clips."""
+        psnrs, ssims = [], []
+        for video in self.eval_batches:
+            x = video.to(self.device)
+            recon = model.decode(model.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+            x01, recon01 = (x.float() + 1) / 2, (recon + 1) / 2
+            psnrs.append(psnr(x01, recon01))
+            ssims.append(video_ssim(x01, recon01))
+        return {"val_psnr": torch.cat(psnrs).mean().item(), "val_ssim": torch.cat(ssims).mean().item()}
+
+    def latent_samples(self, model: nn.Module) -> torch.Tensor:
+        """Posterior samples of `vae_loss.stats_batches` batches as (C, N) per latent channel."""
+        data = self.cfg.data
+        if self.dataset is not None:
+            rank, world_size = trainer.dist_info()
+            _, stream = trainer.manifest_stream(self.cfg, self.dataset.rows, 0.0, rank, world_size)
+            batches = (trainer.next_readable(stream, self.dataset)["video"] for _ in range(self.cfg.vae_loss.stats_batches))
+        else:
+            stream = trainer.ShapesBatches(data.batch_size, self.cfg.train.seed, STATS_STREAM, data.canonical_prob,
+                                           0.0, self.device)
+            batches = (next(stream)["video"] for _ in range(self.cfg.vae_loss.stats_batches))
+        generator = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
+        latents = [model.encode(v.to(self.device)).latent_dist.sample(generator).float() for v in batches]
+        return torch.cat([rearrange(z, "b c t h w -> c (b t h w)") for z in latents], dim=1)
+
+    def export(self, model: nn.Module) -> None:
+        """Set the latent normalisation from data, then save_pretrained to {output_dir}/vae (atomically)."""
+        z = self.latent_samples(model)  # (C, N)
+        if "latents_mean" in model.config:  # diffusers AutoencoderKLWan: per-channel statistics
+            model.register_to_config(latents_mean=z.mean(dim=1).tolist(), latents_std=z.std(dim=1).tolist())
+        else:
+            model.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
+        out_dir = os.path.join(self.cfg.output_dir, "vae")
+        tmp = os.path.join(self.cfg.output_dir, f".vae.tmp-{uuid.uuid4().hex[:8]}")
+        model.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+
+
+def train_vae(cfg: Config) -> trainer.TrainState:
+    """Build the VAE task from `cfg` and train it."""
+    return trainer.train(cfg, VAETask(cfg))
