@@ -70,15 +70,17 @@ def start_range(size: str, motion: str) -> tuple[int, int, int, int]:
     return x_lo, x_hi, y_lo, y_hi
 
 
-def _shape_mask(shape_id, r, dx, dy):
-    """Inside test for pixels at offset (dx, dy) from the centre; works on numpy arrays and torch tensors.
+def _shape_mask(shape_id: int, r: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Inside test for pixels at integer offset (dx, dy) from the centre (arrays broadcast together).
 
-    shape_id: 0 circle, 1 square, 2 triangle with vertices (0, -r), (-r, r), (r, r).
+    shape_id: 0 circle (dx^2 + dy^2 <= r^2), 1 square (half-side r), 2 triangle with vertices
+    (0, -r), (-r, r), (r, r).
     """
-    circle = dx * dx + dy * dy <= r * r
-    square = (abs(dx) <= r) & (abs(dy) <= r)
-    triangle = (dy >= -r) & (dy <= r) & (2 * abs(dx) <= dy + r)
-    return (circle & (shape_id == 0)) | (square & (shape_id == 1)) | (triangle & (shape_id == 2))
+    if shape_id == 0:
+        return dx * dx + dy * dy <= r * r
+    if shape_id == 1:
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    return (dy >= -r) & (dy <= r) & (2 * np.abs(dx) <= dy + r)
 
 
 def _object_masks(obj: dict) -> np.ndarray:
@@ -90,6 +92,20 @@ def _object_masks(obj: dict) -> np.ndarray:
     dx = grid[None, None, :] - (x0 + frames * vx)  # (T, 1, W)
     dy = grid[None, :, None] - (y0 + frames * vy)  # (T, H, 1)
     return _shape_mask(SHAPES.index(obj["shape"]), SIZES[obj["size"]], dx, dy)
+
+
+def _overlap(first: dict, second: dict) -> bool:
+    """Whether two objects share a pixel in any frame (bounding boxes first, masks only when they meet)."""
+    frames = np.arange(NUM_FRAMES)
+    centres = []
+    for obj in (first, second):
+        vx, vy = MOTIONS[obj["motion"]]
+        centres.append((obj["start"][0] + frames * vx, obj["start"][1] + frames * vy))
+    (x1, y1), (x2, y2) = centres
+    reach = SIZES[first["size"]] + SIZES[second["size"]]
+    if not ((np.abs(x1 - x2) <= reach) & (np.abs(y1 - y2) <= reach)).any():
+        return False
+    return bool((_object_masks(first) & _object_masks(second)).any())
 
 
 def validate_record(record: dict) -> None:
@@ -141,7 +157,7 @@ def sample_record(rng: np.random.Generator, num_objects: int | None = None, spli
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     heldout_index = int(rng.integers(num_objects)) if split == "heldout" else -1
     for _ in range(1000):
-        objects, masks = [], []
+        objects = []
         for index in range(num_objects):
             if index == heldout_index:
                 pairs = HELD_OUT_PAIRS
@@ -156,8 +172,7 @@ def sample_record(rng: np.random.Generator, num_objects: int | None = None, spli
             start = [int(rng.integers(x_lo, x_hi + 1)), int(rng.integers(y_lo, y_hi + 1))]
             obj = {"colour": colour, "shape": shape, "size": size, "motion": motion, "start": start}
             objects.append(obj)
-            masks.append(_object_masks(obj))
-        if num_objects == 1 or not (masks[0] & masks[1]).any():
+        if num_objects == 1 or not _overlap(*objects):
             return {"background": background, "objects": objects}
     raise RuntimeError("could not place two non-overlapping objects in 1000 tries")
 

@@ -24,6 +24,9 @@ MAX_RESIDUAL = 80.0
 MIN_PIXELS = 20
 # Bounding-box fill ratio: square 1.0, circle 0.67-0.70 (pixel disc), triangle 0.50; thresholds between.
 SQUARE_FILL, CIRCLE_FILL, MIN_FILL = 0.85, 0.59, 0.3
+# With shape_method="template": the best template must overlap the object at least this much (IoU).
+MIN_IOU = 0.6
+SHAPE_METHODS = ("fill", "template")
 # Bounding-box side 2 r + 1: small 11, large 19; split half way, unknown beyond a gap as wide again.
 _SMALL_SIDE, _LARGE_SIDE = 2 * SIZES["small"] + 1, 2 * SIZES["large"] + 1
 SIZE_SIDE = (_SMALL_SIDE + _LARGE_SIDE) / 2
@@ -71,29 +74,59 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (int(sizes.argmax()) + 1)
 
 
-def _read_object(masks: list[np.ndarray | None]) -> dict | None:
+def _shape_by_fill(fill: float) -> str:
+    """The contract's rule: how much of its bounding box the object fills."""
+    if fill >= SQUARE_FILL:
+        return "square"
+    if fill >= CIRCLE_FILL:
+        return "circle"
+    return "triangle" if fill >= MIN_FILL else "unknown"
+
+
+def _shape_by_template(mask: np.ndarray) -> str:
+    """The shape whose template, scaled to the mask's area and placed on its centroid, overlaps it best.
+
+    Blur-tolerant alternative to the fill rule: a blurred small circle loses its one-pixel tips at
+    (cx +- r, cy) and (cx, cy +- r) and then fills its box like a square, yet still fits a disc best.
+    """
+    ys, xs = np.nonzero(mask)
+    area, mx, my = len(xs), xs.mean(), ys.mean()
+    gy, gx = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
+    radius = np.sqrt(area / np.pi)
+    half = np.sqrt(area) / 2
+    tri_r = np.sqrt(area / 2)  # triangle area is 2 r^2; its centroid lies r / 3 below its centre
+    tri_dy = gy - (my - tri_r / 3)
+    templates = {
+        "circle": (gx - mx) ** 2 + (gy - my) ** 2 <= radius**2,
+        "square": (np.abs(gx - mx) < half) & (np.abs(gy - my) < half),
+        "triangle": (tri_dy >= -tri_r) & (tri_dy <= tri_r) & (2 * np.abs(gx - mx) <= tri_dy + tri_r),
+    }
+    ious = {name: (mask & t).sum() / max((mask | t).sum(), 1) for name, t in templates.items()}
+    best = max(ious, key=ious.get)
+    return best if ious[best] >= MIN_IOU else "unknown"
+
+
+def _read_object(masks: list[np.ndarray | None], shape_method: str) -> dict | None:
     """Shape, size, motion and start of one colour from its per-frame masks (None where absent)."""
     present = [f for f, mask in enumerate(masks) if mask is not None]
     if len(present) < (len(masks) + 1) // 2:  # present in fewer than half of the frames
         return None
-    sides, fills, centroids, centres = [], [], {}, {}
+    sides, fills, votes, centroids, centres = [], [], [], {}, {}
     for f in present:
         ys, xs = np.nonzero(masks[f])
         width, height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
         sides.append(max(width, height))
         fills.append(len(xs) / float(width * height))
+        if shape_method == "template":
+            votes.append(_shape_by_template(masks[f]))
         centroids[f] = (xs.mean(), ys.mean())
         centres[f] = (int(round((xs.max() + xs.min()) / 2)), int(round((ys.max() + ys.min()) / 2)))
-    side, fill = float(np.median(sides)), float(np.median(fills))
+    side = float(np.median(sides))
 
-    if fill >= SQUARE_FILL:
-        shape = "square"
-    elif fill >= CIRCLE_FILL:
-        shape = "circle"
-    elif fill >= MIN_FILL:
-        shape = "triangle"
+    if shape_method == "template":
+        shape = max(sorted(set(votes)), key=votes.count)
     else:
-        shape = "unknown"
+        shape = _shape_by_fill(float(np.median(fills)))
     if MIN_SIDE <= side < SIZE_SIDE:
         size = "small"
     elif SIZE_SIDE <= side <= MAX_SIDE:
@@ -112,8 +145,14 @@ def _read_object(masks: list[np.ndarray | None]) -> dict | None:
     return {"shape": shape, "size": size, "motion": motion, "start": list(centres[present[0]])}
 
 
-def read_back(video: np.ndarray) -> dict:
-    """Read a record from a uint8 (T, H, W, 3) clip: background and objects (with an estimated start)."""
+def read_back(video: np.ndarray, shape_method: str = "fill") -> dict:
+    """Read a record from a uint8 (T, H, W, 3) clip: background and objects (with an estimated start).
+
+    shape_method: "fill" (the contract's bounding-box fill rule, exact on rendered and encoded clips) or
+    "template" (best-overlapping area-scaled template; more tolerant of blurred generated clips).
+    """
+    if shape_method not in SHAPE_METHODS:
+        raise ValueError(f"shape_method {shape_method!r} is not one of {list(SHAPE_METHODS)}")
     video = np.asarray(video)
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or min(video.shape[:3]) < 2:
         raise ValueError(
@@ -134,7 +173,7 @@ def read_back(video: np.ndarray) -> dict:
             if mask.sum() >= MIN_PIXELS:
                 mask = _largest_component(mask)
             masks.append(mask if mask.sum() >= MIN_PIXELS else None)
-        obj = _read_object(masks)
+        obj = _read_object(masks, shape_method)
         if obj is not None:
             objects.append({"colour": colour, **obj})
     return {"background": background, "objects": objects}
@@ -164,7 +203,7 @@ def score(pred: dict, truth: dict) -> dict[str, bool]:
     return result
 
 
-def attribute_accuracy(videos, records: list[dict]) -> dict[str, float]:
+def attribute_accuracy(videos, records: list[dict], shape_method: str = "fill") -> dict[str, float]:
     """Rates in [0, 1] of each attribute and of `all` over clips uint8 (N, T, H, W, 3) and their records."""
     if len(videos) != len(records):
         raise ValueError(f"{len(videos)} videos and {len(records)} records must be the same number")
@@ -174,7 +213,7 @@ def attribute_accuracy(videos, records: list[dict]) -> dict[str, float]:
     for video, record in zip(videos, records):
         if hasattr(video, "detach"):  # torch tensor
             video = video.detach().cpu().numpy()
-        for attribute, correct in score(read_back(video), record).items():
+        for attribute, correct in score(read_back(video, shape_method), record).items():
             totals[attribute] += int(correct)
     return {attribute: total / len(records) for attribute, total in totals.items()}
 
