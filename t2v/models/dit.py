@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -70,7 +71,10 @@ def rope_3d(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x (B, heads, N, D) by the angles of cos/sin (N, D/2), in float32."""
+    """Rotate consecutive channel pairs of x (B, heads, N, D) by the angles of cos/sin (N, D/2).
+
+    Computed in float32; the result keeps x's dtype.
+    """
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, heads, N, D/2)
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
@@ -82,7 +86,8 @@ def modulate(x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over the last dim, computed in float32 (used on queries and keys per head)."""
+    """RMS norm over the last dim for queries and keys. Returns float32, so that RoPE, which follows, needs
+    no second conversion; the caller casts once afterwards."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -90,9 +95,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,8 +143,8 @@ class SelfAttention(nn.Module):
         # x: (B, N, D) with tokens ordered (t h w); rope_cos/sin: (N, head_dim/2)
         qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        q = apply_rope(self.norm_q(q), rope_cos, rope_sin)
-        k = apply_rope(self.norm_k(k), rope_cos, rope_sin)
+        q = apply_rope(self.norm_q(q), rope_cos, rope_sin).type_as(v)
+        k = apply_rope(self.norm_k(k), rope_cos, rope_sin).type_as(v)
         if self.axis == "full":
             out = self.attention_fn(q, k, v, None)
         else:
@@ -169,10 +172,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         # x: (B, N, D); context: (B, L, D); context_mask: (B, L) bool, True = real token
-        q = self.norm_q(rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads))
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
         kv = rearrange(self.to_kv(context), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
         k, v = kv.unbind(0)  # each (B, heads, L, head_dim)
-        k = self.norm_k(k)
+        q, k = self.norm_q(q).type_as(v), self.norm_k(k).type_as(v)
         # A fully padded row attends to nothing; `attention` returns zeros for it, not NaN.
         out = attention(q, k, v, context_mask[:, None, None, :], backend=self.backend)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
