@@ -193,28 +193,23 @@ def render(record: dict) -> np.ndarray:
 
 
 def _record_tensors(records: list[dict]) -> dict[str, torch.Tensor]:
-    """Pack records into int tensors over (B, K) object slots, K = 2; empty slots have valid = 0."""
-    colours, backgrounds = list(COLOURS.values()), list(BACKGROUNDS.values())
-    rows = {"x0": [], "y0": [], "vx": [], "vy": [], "r": [], "shape": [], "rgb": [], "valid": [], "bg": []}
+    """Pack records into int32 tensors: `bg` (B, 3), `rgb` (B, 2, 3), the rest (B, 2) over object slots.
+
+    An empty second slot is all zeros, so its `valid` is 0.
+    """
+    backgrounds, slots = [], []
     for record in records:
         validate_record(record)
-        rows["bg"].append(backgrounds[list(BACKGROUNDS).index(record["background"])])
-        slots = record["objects"] + [None] * (2 - len(record["objects"]))
-        for key in ("x0", "y0", "vx", "vy", "r", "shape", "rgb", "valid"):
-            rows[key].append([])
-        for obj in slots:
-            present = obj is not None
-            obj = obj or record["objects"][0]
-            vx, vy = MOTIONS[obj["motion"]]
-            rows["x0"][-1].append(obj["start"][0])
-            rows["y0"][-1].append(obj["start"][1])
-            rows["vx"][-1].append(vx)
-            rows["vy"][-1].append(vy)
-            rows["r"][-1].append(SIZES[obj["size"]])
-            rows["shape"][-1].append(SHAPES.index(obj["shape"]))
-            rows["rgb"][-1].append(colours[list(COLOURS).index(obj["colour"])])
-            rows["valid"][-1].append(int(present))
-    return {key: torch.tensor(value, dtype=torch.int32) for key, value in rows.items()}
+        backgrounds.append(BACKGROUNDS[record["background"]])
+        row = []
+        for obj in record["objects"]:
+            (x0, y0), (vx, vy) = obj["start"], MOTIONS[obj["motion"]]
+            row.append((x0, y0, vx, vy, SIZES[obj["size"]], SHAPES.index(obj["shape"]), 1, *COLOURS[obj["colour"]]))
+        slots.append(row + [(0,) * 10] * (2 - len(row)))
+    packed = torch.tensor(slots, dtype=torch.int32)  # (B, 2, 10)
+    x0, y0, vx, vy, r, shape, valid = packed[..., :7].unbind(-1)
+    return {"x0": x0, "y0": y0, "vx": vx, "vy": vy, "r": r, "shape": shape, "valid": valid,
+            "rgb": packed[..., 7:], "bg": torch.tensor(backgrounds, dtype=torch.int32)}
 
 
 def _half_widths() -> np.ndarray:
