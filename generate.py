@@ -66,6 +66,17 @@ def parse_and_check(argv: list[str] | None = None):
     return parser, args, prompts
 
 
+def _quiet_loading() -> None:
+    # Loading reports and progress bars of the libraries would bury our own one-line messages.
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, args, prompts = parse_and_check(argv)
     import torch
@@ -88,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
         parser.error(f"model folder {model_dir!r} has no model_index.json (not a diffusers pipeline folder)")
 
-    pipe = T2VPipeline.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype_name))
+    _quiet_loading()
+    pipe = T2VPipeline.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     settings = GenerationSettings(

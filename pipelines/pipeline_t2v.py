@@ -16,7 +16,10 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+# Imported so that diffusers can resolve saved components named by these modules.
+from t2v.models.dit import VideoDiT  # noqa: F401
 from t2v.models.text_encoder import TextEmbeddings, encode_text, load_text_encoder
+from t2v.models.vae import CausalVideoVAE  # noqa: F401
 from t2v.models.vae_utils import denormalize_latents, latent_channels, vae_scale_factors
 
 DEFAULT_GENERATION = {
@@ -274,7 +277,8 @@ class T2VPipeline(DiffusionPipeline):
                 v = self._velocity(latents, t, cond, uncond, guidance_scale)
                 latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    outputs = callback_on_step_end(self, i, t, {k: locals()[k] for k in callback_on_step_end_tensor_inputs})
+                    tensors = {"latents": latents}
+                    outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
                     latents = outputs.pop("latents", latents)
                 progress_bar.update()
 

@@ -74,4 +74,6 @@ def tiny_wan_vae():
 
     torch.manual_seed(0)
     return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
-                            temperal_downsample=[True], attn_scales=[]).eval()
+                            temperal_downsample=[True], attn_scales=[], scale_factor_temporal=2,
+                            scale_factor_spatial=2, latents_mean=[0.1, -0.2, 0.0, 0.3],
+                            latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
