@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `t2v`, `pipelines`
+
 STAGES = ("generate", "score", "all")
 
 
@@ -296,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dynamic_threshold < 0 or args.report_videos < 0:
         parser.error("--dynamic-threshold and --report-videos must be non-negative")
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `pipelines`
     try:
         videos_dir = args.videos or os.path.join(args.out, "videos")
         if args.stage in ("generate", "all"):

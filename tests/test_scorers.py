@@ -134,3 +134,24 @@ def test_invalid_inputs(clip_scorer):
         clip_scorer.encode_texts("a single string")
     with pytest.raises(ValueError, match="empty"):
         clip_scorer.encode_videos([])
+
+
+def test_load_scorer_specs(clip_scorer, tmp_path):
+    from t2v.eval.retriever import VideoEncoder, VideoTextRetriever
+    from t2v.eval.scorers import load_scorer
+
+    clip_scorer.save_pretrained(tmp_path / "clip")
+    loaded = load_scorer(f"clip:{tmp_path / 'clip'}", device="cpu")
+    assert isinstance(loaded, CLIPScorer) and loaded.num_frames == 8
+
+    torch.manual_seed(0)
+    encoder = VideoEncoder(sample_size=16, patch_size=8, max_frames=4, hidden_size=32, num_layers=1, num_heads=2,
+                           embed_dim=16)
+    retriever = VideoTextRetriever(encoder, text_head_hidden=32).eval()
+    retriever.save_pretrained(str(tmp_path / "retriever"))
+    loaded = load_scorer(f"retriever:{tmp_path / 'retriever'}", device="cpu")
+    videos = _videos()
+    torch.testing.assert_close(loaded.similarity(TEXTS, videos), retriever.similarity(TEXTS, videos))
+    for spec in ("clip", "clap:path", "clip:"):
+        with pytest.raises(ValueError, match="KIND:PATH"):
+            load_scorer(spec)

@@ -58,14 +58,16 @@ def similarity_png_base64(sim: np.ndarray, min_size: int = 256) -> str:
     return _png_base64(Image.fromarray(pixels))
 
 
-def rank_histogram_png_base64(ranks: np.ndarray, num_candidates: int, width: int = 480, height: int = 200) -> str:
-    """Bar chart of how many queries got each rank 1 .. num_candidates (ranks rounded up)."""
-    ranks = np.ceil(np.asarray(ranks, dtype=np.float64)).astype(int)
-    counts = np.bincount(ranks.clip(1, num_candidates), minlength=num_candidates + 1)[1:]  # (num_candidates,)
+def rank_histogram_png_base64(
+    ranks: np.ndarray, num_candidates: int, max_bins: int = 50, width: int = 480, height: int = 200
+) -> str:
+    """Bar chart of how many queries got each rank 1 .. num_candidates (equal-width bins beyond ``max_bins``)."""
+    edges = np.linspace(0.5, num_candidates + 0.5, min(num_candidates, max_bins) + 1)
+    counts, _ = np.histogram(np.clip(ranks, 1, num_candidates), bins=edges)  # (bins,)
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     left, bottom, top = 30, height - 20, 16
-    bar = (width - left - 10) / num_candidates
+    bar = (width - left - 10) / len(counts)
     peak = max(int(counts.max()), 1)
     for index, count in enumerate(counts):
         x0 = left + index * bar
