@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -76,7 +75,7 @@ def _stream_duration(container, stream, src_fps: float) -> float | None:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
-        return container.duration / av.time_base
+        return container.duration / 1_000_000  # av.time_base: container durations are in microseconds
     if stream.frames:
         return stream.frames / src_fps
     return None
@@ -119,6 +118,8 @@ def _decode_nearest(container, stream, targets: np.ndarray, src_fps: float, path
 
 
 def _read_video(path, num_frames, fps, start, rng) -> np.ndarray:
+    import av  # imported here so that training on cached latents or generated data needs no PyAV
+
     try:
         container = av.open(path)
     except (av.error.FFmpegError, OSError, ValueError) as e:
