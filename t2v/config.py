@@ -96,6 +96,11 @@ class DataConfig:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.source == "shapes" and (self.frames, self.height, self.width) != (17, 64, 64):
+            raise ValueError(
+                f"data.source='shapes' renders 17x64x64 clips, but data.frames/height/width = "
+                f"{self.frames}/{self.height}/{self.width}; set them to 17/64/64"
+            )
 
 
 @dataclass

@@ -11,7 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from t2v.config import Config, FlowConfig
 from t2v.models.text_encoder import MINILM
-from t2v.train.trainer import merge_lora
+from t2v.train.trainer import has_lora, merge_lora
 
 
 def flow_scheduler(flow: FlowConfig) -> FlowMatchEulerDiscreteScheduler:
@@ -59,7 +59,7 @@ def build_pipeline(cfg: Config, transformer, vae, embedder, for_saving: bool = F
 
 def export_pipeline(cfg: Config, transformer, vae, embedder, out_dir: str) -> str:
     """Save the pipeline to `out_dir` atomically (LoRA folded into a copy of the transformer)."""
-    if getattr(transformer, "_hf_peft_config_loaded", False):
+    if has_lora(transformer):
         transformer = merge_lora(copy.deepcopy(transformer))
     pipe = build_pipeline(cfg, transformer, vae, embedder, for_saving=True)
     parent = os.path.dirname(os.path.abspath(out_dir))

@@ -148,16 +148,18 @@ def prepare_trainable(model: nn.Module, cfg: ModelConfig) -> list[tuple[str, nn.
             raise ValueError(f"model.gradient_checkpointing=true but {type(model).__name__} does not support it")
         model.enable_gradient_checkpointing()
     if cfg.lora_rank > 0:
-        from peft import LoraConfig
+        from peft import LoraConfig, inject_adapter_in_model
 
-        model.add_adapter(
-            LoraConfig(
-                r=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                target_modules=list(cfg.lora_target_modules),
-                init_lora_weights=True,
-            )
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+            target_modules=list(cfg.lora_target_modules),
+            init_lora_weights=True,
         )
+        if hasattr(model, "add_adapter"):  # diffusers' PeftAdapterMixin
+            model.add_adapter(lora)
+        else:
+            inject_adapter_in_model(lora, model)
     prefixes = tuple(cfg.trainable)
     for name, param in model.named_parameters():
         if cfg.lora_rank > 0:
@@ -170,11 +172,21 @@ def prepare_trainable(model: nn.Module, cfg: ModelConfig) -> list[tuple[str, nn.
     return params
 
 
+def has_lora(model: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold LoRA adapters into the base weights and drop them (a no-op without adapters)."""
-    if getattr(model, "_hf_peft_config_loaded", False):
-        model.fuse_lora()
-        model.unload_lora()
+    """Fold LoRA adapters into the base weights and put the plain layers back, in place."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
     return model
 
 

@@ -1,0 +1,420 @@
+"""Training: config, checkpoints, the shared loop, the DiT and VAE tasks, exact resume, export (CPU, tiny)."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from t2v.config import load_config
+from t2v.train import checkpoint as ckpt
+from t2v.train import trainer
+from t2v.train.logger import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = str(ROOT / "configs" / "train" / "debug.yaml")
+DEBUG_VAE = str(ROOT / "configs" / "train" / "debug_vae.yaml")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: one thread avoids oversubscription on small shared CPUs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """Six Shapes World clips written as mp4 with a path,caption manifest."""
+    from t2v.data.shapes import write_dataset
+
+    return str(write_dataset(tmp_path_factory.mktemp("clips"), num=6, seed=0))
+
+
+def debug_config(path, output_dir, manifest, *overrides):
+    return load_config(path, [f"data.manifest={manifest}", f"output_dir={output_dir}", *overrides])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    cfg = load_config(DEBUG, ["train.max_steps=7", "train.lr=0.5", "data.manifest=x.csv", "model.trainable=[blocks]"])
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 0.5 and cfg.model.trainable == ["blocks"]
+    assert cfg.model.dit == "tiny" and cfg.data.frames == 5  # from the YAML
+    assert cfg.train.betas == [0.9, 0.999]  # a default neither file nor command line touched
+    from t2v.config import save_config
+
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "train.lrr"),
+        ("modle.dit=tiny", "modle"),
+        ("train.max_steps=many", "train.max_steps"),
+        ("train.lr_schedule=step", "lr_schedule"),
+        ("data.source=folder", "data.source"),
+        ("distributed.backend=mpi", "distributed.backend"),
+        ("train.max_steps", "key=value"),
+    ],
+)
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(DEBUG, [override])
+
+
+def test_unknown_key_in_yaml_is_an_error(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train:\n  max_step: 3\n")
+    with pytest.raises(ValueError, match="train.max_step"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_fp16_refused_on_cpu():
+    with pytest.raises(ValueError, match="fp16"):
+        trainer.autocast_dtype("fp16", torch.device("cpu"))
+    assert trainer.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert trainer.autocast_dtype("fp32", torch.device("cpu")) is None
+
+
+def test_lr_schedule_by_hand():
+    factors = [trainer.lr_factor(s, 2, 6, "linear") for s in range(6)]
+    # warm-up 1/2, 2/2; then linear from 1 over the remaining 4 updates
+    assert factors == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    assert trainer.lr_factor(4, 0, 8, "cosine") == pytest.approx(0.5)
+    assert trainer.lr_factor(100, 0, 8, "constant") == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_latest_ignores_tmp_folders_and_keep_last(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(root, step, {"model": {"w": torch.full((2,), float(step))}}, {"step": step}, keep_last=2)
+    assert [step for step, _ in ckpt.list_checkpoints(root)] == [20, 30]
+    # An interrupted write of a later step: complete contents, but never renamed into place.
+    os.makedirs(os.path.join(root, "step-40.tmp-deadbeef"))
+    (Path(root) / "step-40.tmp-deadbeef" / "state.json").write_text("{}")
+    latest = ckpt.latest_checkpoint(root)
+    assert latest.endswith("step-30")
+    tensors, state = ckpt.load_checkpoint(latest)
+    assert state == {"step": 30} and torch.equal(tensors["model"]["w"], torch.full((2,), 30.0))
+    assert ckpt.resolve_resume("latest", str(tmp_path)) == latest
+    assert ckpt.resolve_resume("", str(tmp_path)) is None
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "nowhere"), str(tmp_path))
+
+
+def test_optimizer_and_rng_state_round_trip():
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    tensors, meta = ckpt.flatten_optimizer_state(optimizer.state_dict())
+    meta = json.loads(json.dumps(meta))  # what a checkpoint stores
+    restored = ckpt.unflatten_optimizer_state(tensors, meta)
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.5)
+    fresh.load_state_dict(restored)
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(fresh.state_dict()["state"][0][key], optimizer.state_dict()["state"][0][key])
+    assert fresh.param_groups[0]["lr"] == 0.1
+
+    generator = torch.Generator().manual_seed(3)
+    rng_tensors, rng_meta = ckpt.capture_rng({"train": generator})
+    rng_meta = json.loads(json.dumps(rng_meta))
+    expected = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), __import__("random").random())
+    ckpt.restore_rng(rng_tensors, rng_meta, {"train": generator})
+    again = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), __import__("random").random())
+    assert expected[0] == again[0] and expected[3] == again[3]
+    assert torch.equal(expected[1], again[1]) and torch.equal(expected[2], again[2])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared loop on a toy task: non-finite losses
+# ----------------------------------------------------------------------------------------------------
+
+
+class ToyTask:
+    """Regress a fixed linear map; `nan_calls` lists loss calls (0-based) that return NaN."""
+
+    def __init__(self, nan_calls=()):
+        torch.manual_seed(0)
+        self.model = nn.Linear(4, 1)
+        self.device = torch.device("cpu")
+        self.nan_calls, self.calls, self.exported = set(nan_calls), 0, False
+
+    def next_batch(self):
+        x = torch.randn(8, 4)
+        return x, x.sum(dim=1, keepdim=True)
+
+    def loss(self, model, batch, generator):
+        x, y = batch
+        loss = (model(x) - y).pow(2).mean()
+        if self.calls in self.nan_calls:
+            loss = loss * float("nan")
+        self.calls += 1
+        return trainer.StepOutput(loss=loss, samples=8, tokens=8)
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+    def validate(self, model, step):
+        return {}
+
+    def export(self, model):
+        self.exported = True
+
+
+def toy_config(tmp_path, *overrides):
+    return load_config(None, [f"output_dir={tmp_path}", "train.mixed_precision=fp32", "train.log_every=1",
+                              "train.lr=0.01", *overrides])
+
+
+def test_nonfinite_loss_skips_the_update_and_is_logged(tmp_path):
+    task = ToyTask(nan_calls={2, 3})
+    state = trainer.train(toy_config(tmp_path, "train.max_steps=5", "train.max_nonfinite_steps=3"), task)
+    assert state.step == 5 and task.calls == 7 and task.exported
+    rows = read_metrics(str(tmp_path))
+    skipped = [row for row in rows if row.get("skipped_nonfinite")]
+    assert [row["step"] for row in skipped] == [2, 2] and skipped[0]["loss"] == "nan"
+    assert [row["nonfinite_in_a_row"] for row in skipped] == [1, 2]
+    assert all(math.isfinite(row["loss"]) for row in rows if not row.get("skipped_nonfinite"))
+    weights = load_file(str(tmp_path / "checkpoints" / "step-5" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_too_many_nonfinite_losses_stop_with_the_checkpoint_intact(tmp_path):
+    task = ToyTask(nan_calls=set(range(4, 100)))
+    cfg = toy_config(tmp_path, "train.max_steps=50", "train.ckpt_every=2", "train.max_nonfinite_steps=3")
+    with pytest.raises(trainer.NonFiniteLossError, match="3 non-finite losses in a row.*step-4"):
+        trainer.train(cfg, task)
+    assert [step for step, _ in ckpt.list_checkpoints(str(tmp_path / "checkpoints"))] == [2, 4]
+    weights = load_file(str(tmp_path / "checkpoints" / "step-4" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not task.exported
+
+
+def test_grad_accumulation_and_trainable_subset(tmp_path):
+    task = ToyTask()
+    bias_before = task.model.bias.detach().clone()
+    trainer.train(toy_config(tmp_path, "train.max_steps=3", "train.grad_accum=2", "model.trainable=[weight]"), task)
+    assert task.calls == 6  # 3 updates x 2 micro-batches
+    assert torch.equal(task.model.bias, bias_before)  # frozen
+    assert not task.model.bias.requires_grad and task.model.weight.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiT task
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_dit_loss_finite_and_falls_on_a_memorised_batch(tmp_path, manifest):
+    from t2v.train.dit import DiTTask
+
+    task = DiTTask(debug_config(DEBUG, tmp_path, manifest, "data.caption_dropout=0"))
+    batch = task.next_batch()
+    params = trainer.prepare_trainable(task.model, task.cfg.model)
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        out = task.loss(task.model, batch, torch.Generator().manual_seed(0))  # same noise and sigmas
+        assert torch.isfinite(out.loss)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert out.samples == 2 and out.tokens == 2 * 3 * 8 * 8  # latents (4, 3, 16, 16), patch (1, 2, 2)
+    assert losses[-1] < 0.75 * losses[0]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_dit_resume_is_exact(tmp_path, manifest):
+    """40 steps in one go == 20 steps, a crash, and a resume to 40: bitwise equal weights."""
+    from t2v.train.dit import DiTTask, train_dit
+
+    straight = tmp_path / "straight"
+    train_dit(debug_config(DEBUG, straight, manifest))
+
+    class CrashingTask(DiTTask):
+        """Fails when asked for the 21st step's batch, after step-20 was saved."""
+
+        def next_batch(self):
+            self.batches = getattr(self, "batches", 0) + 1
+            if self.batches > 20:
+                raise Interrupted
+            return super().next_batch()
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Interrupted):
+        trainer.train(debug_config(DEBUG, resumed, manifest), CrashingTask(debug_config(DEBUG, resumed, manifest)))
+    assert [step for step, _ in ckpt.list_checkpoints(str(resumed / "checkpoints"))] == [20]
+    train_dit(debug_config(DEBUG, resumed, manifest, "resume=latest"))
+
+    for group in ("model", "ema", "optimizer"):
+        a = load_file(str(straight / "checkpoints" / "step-40" / f"{group}.safetensors"))
+        b = load_file(str(resumed / "checkpoints" / "step-40" / f"{group}.safetensors"))
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{group} {name} differs after resume"
+    # The runs really trained: the weights moved from the initial ones.
+    first = load_file(str(resumed / "checkpoints" / "step-40" / "model.safetensors"))
+    assert any(not torch.equal(first[n], v) for n, v in DiTTask(debug_config(DEBUG, tmp_path / "x", manifest)).model.state_dict().items())
+
+    # Run folder contents.
+    rows = read_metrics(str(straight))
+    logged = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in logged] == list(range(5, 41, 5))
+    for row in logged:
+        assert {"step", "loss", "lr", "samples_per_s", "tokens_per_s", "peak_mem_mb"} <= row.keys()
+        assert math.isfinite(row["loss"]) and row["samples_per_s"] > 0
+    assert (straight / "config.yaml").is_file() and (straight / "pipeline" / "model_index.json").is_file()
+    assert any((straight / "tensorboard").iterdir())
+    assert [step for step, _ in ckpt.list_checkpoints(str(straight / "checkpoints"))] == [20, 40]  # keep_last 2
+
+
+def test_export_loads_in_the_pipeline(tmp_path, manifest):
+    from pipelines.pipeline_t2v import T2VPipeline
+    from t2v.train.dit import train_dit
+
+    prompts = ["a small red circle moving left on a black background"]
+    cfg = debug_config(DEBUG, tmp_path, manifest, "train.max_steps=3", "train.validate_every=3",
+                       f"train.validation_prompts={json.dumps(prompts)}")
+    train_dit(cfg)
+    assert (tmp_path / "samples" / "step-3" / "00000.mp4").is_file()
+    pipe = T2VPipeline.from_pretrained(str(tmp_path / "pipeline"))
+    ema = load_file(str(tmp_path / "checkpoints" / "step-3" / "ema.safetensors"))
+    exported = pipe.transformer.state_dict()
+    assert all(torch.equal(exported[name], value) for name, value in ema.items())  # EMA weights were exported
+    assert pipe.scheduler.config.use_dynamic_shifting and pipe.scheduler.config.base_shift == cfg.flow.base_shift
+    video = pipe(prompts, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all()
+
+
+def test_lora_trains_adapters_only_and_export_merges_them(tmp_path, manifest):
+    from pipelines.pipeline_t2v import T2VPipeline
+    from t2v.train.dit import DiTTask
+
+    cfg = debug_config(DEBUG, tmp_path, manifest, "train.max_steps=3", "model.lora_rank=4", "train.ema_decay=0",
+                       "model.lora_target_modules=[to_qkv,to_out]")
+    task = DiTTask(cfg)
+    with torch.no_grad():  # stand in for pretrained weights: open the zero-initialised gates
+        generator = torch.Generator().manual_seed(0)
+        for p in task.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    base = {name: p.detach().clone() for name, p in task.model.named_parameters()}
+    trainer.train(cfg, task)
+    trained = dict(task.model.named_parameters())
+    assert all("lora_" in name for name, p in trained.items() if p.requires_grad)
+    assert any("lora_B" in name and p.abs().sum() > 0 for name, p in trained.items())  # adapters moved
+    for name, value in base.items():  # base weights kept (wrapped layers hold them under .base_layer)
+        module, _, leaf = name.rpartition(".")
+        assert torch.equal(trained.get(name, trained.get(f"{module}.base_layer.{leaf}")), value), name
+    pipe = T2VPipeline.from_pretrained(str(tmp_path / "pipeline"))
+    exported = pipe.transformer.state_dict()
+    assert not any("lora" in name for name in exported)
+    qkv = "blocks.0.self_attns.0.to_qkv.weight"
+    assert not torch.equal(exported[qkv], base[qkv])  # the adapter was folded in
+
+
+def test_wan_vae_folder_as_the_vae(tmp_path, manifest):
+    from diffusers import AutoencoderKLWan
+
+    from t2v.train.dit import DiTTask
+
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
+                     attn_scales=[], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).save_pretrained(tmp_path / "wan")
+    cfg = debug_config(DEBUG, tmp_path / "run", manifest, f"model.vae={tmp_path / 'wan'}", "train.max_steps=2")
+    task = DiTTask(cfg)
+    assert type(task.vae).__name__ == "AutoencoderKLWan"
+    trainer.train(cfg, task)
+    rows = [row for row in read_metrics(str(tmp_path / "run")) if "loss" in row]
+    assert rows and all(math.isfinite(row["loss"]) for row in rows)
+    model_index = json.loads((tmp_path / "run" / "pipeline" / "model_index.json").read_text())
+    assert model_index["vae"] == ["diffusers", "AutoencoderKLWan"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# VAE task
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_ssim_and_psnr_by_hand():
+    from t2v.train.vae import psnr, ssim, video_ssim
+
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ssim(x, x), torch.ones(2))
+    assert (ssim(x, torch.rand(2, 3, 16, 16)) < 0.2).all()
+    assert (ssim(x, (x + 0.05).clamp(0, 1)) > 0.9).all()
+    assert psnr(torch.zeros(1, 4), torch.full((1, 4), 0.1)).item() == pytest.approx(20.0)  # mse 0.01
+    video = torch.rand(1, 3, 4, 8, 8)
+    assert video_ssim(video, video).item() == pytest.approx(1.0)
+
+
+def test_vae_trains_resumes_and_sets_the_latent_scale(tmp_path, manifest):
+    from t2v.models.vae import CausalVideoVAE
+    from t2v.train.vae import VAETask, train_vae
+
+    straight = tmp_path / "straight"
+    train_vae(debug_config(DEBUG_VAE, straight, manifest, "train.max_steps=6", "train.ckpt_every=3"))
+
+    class CrashingTask(VAETask):
+        def next_batch(self):
+            self.batches = getattr(self, "batches", 0) + 1
+            if self.batches > 3:
+                raise Interrupted
+            return super().next_batch()
+
+    resumed = tmp_path / "resumed"
+    cfg = debug_config(DEBUG_VAE, resumed, manifest, "train.max_steps=6", "train.ckpt_every=3")
+    with pytest.raises(Interrupted):
+        trainer.train(cfg, CrashingTask(cfg))
+    train_vae(debug_config(DEBUG_VAE, resumed, manifest, "train.max_steps=6", "train.ckpt_every=3", "resume=latest"))
+    a = load_file(str(straight / "checkpoints" / "step-6" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step-6" / "model.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+    rows = read_metrics(str(straight))
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert all(math.isfinite(loss) for loss in losses)
+    evals = [row for row in rows if "val_psnr" in row]
+    assert evals and evals[-1]["val_psnr"] > 0 and 0 < evals[-1]["val_ssim"] <= 1
+
+    vae = CausalVideoVAE.from_pretrained(str(straight / "vae"))
+    assert vae.config.scaling_factor != 1.0 and vae.config.shift_factor != 0.0
+    # The stored factors normalise this VAE's latents to roughly zero mean, unit std.
+    task = VAETask(debug_config(DEBUG_VAE, tmp_path / "probe", manifest))
+    with torch.no_grad():
+        z = vae.encode(task.next_batch()["video"]).latent_dist.sample(torch.Generator().manual_seed(1))
+    normalised = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    assert abs(normalised.mean().item()) < 0.5 and 0.5 < normalised.std().item() < 2.0
+
+
+def test_vae_shapes_stream_with_image_batches(tmp_path):
+    from t2v.train.vae import VAETask
+
+    cfg = load_config(DEBUG_VAE, [f"output_dir={tmp_path}", "data.source=shapes", "data.frames=17", "data.height=64",
+                                  "data.width=64", "data.image_batch_prob=0.5"])
+    task = VAETask(cfg)
+    shapes = {tuple(task.next_batch()["video"].shape) for _ in range(8)}
+    assert shapes == {(2, 3, 1, 64, 64), (2, 3, 17, 64, 64)}
