@@ -35,6 +35,24 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learned inverse tempera
 # ----------------------------------------------------------------------------------------------
 
 
+def sincos_1d(length: int, dim: int) -> torch.Tensor:
+    """Sin-cos table `(length, dim)` of positions 0..length-1 (dim even)."""
+    if dim % 2 != 0:
+        raise ValueError(f"sin-cos embedding dim {dim} must be even")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * freqs  # (length, dim / 2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Sin-cos table `(grid * grid, dim)` of a row-major patch grid: half the channels rows, half columns."""
+    if dim % 4 != 0:
+        raise ValueError(f"2-D sin-cos embedding dim {dim} must be divisible by 4")
+    rows = repeat(sincos_1d(grid, dim // 2), "h d -> (h w) d", w=grid)
+    cols = repeat(sincos_1d(grid, dim // 2), "w d -> (h w) d", h=grid)
+    return torch.cat([rows, cols], dim=1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the second-to-last axis."""
 
@@ -113,6 +131,8 @@ class VideoEncoder(ModelMixin, ConfigMixin):
             raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads != 0:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by {num_heads} heads")
+        if hidden_size % 4 != 0:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 (2-D sin-cos positions)")
         for name, value in [("max_frames", max_frames), ("num_layers", num_layers), ("embed_dim", embed_dim)]:
             if value < 1:
                 raise ValueError(f"{name} {value} must be at least 1")
@@ -140,15 +160,13 @@ class VideoEncoder(ModelMixin, ConfigMixin):
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        # Spatial position and CLS: small random, so patches are distinguishable from the start.
-        nn.init.trunc_normal_(self.pos_spatial, std=0.02)
+        # Position embeddings: learned, started from sin-cos tables (unit amplitude, MAE/DiT) so that the
+        # place of a patch and the order of frames are visible from the first step. Without order, a clip
+        # and its time reversal embed alike (frames are pooled), and motion direction cannot be learned.
+        grid = self.config.sample_size // self.config.patch_size
+        self.pos_spatial.data.copy_(sincos_2d(grid, self.config.hidden_size).view_as(self.pos_spatial))
+        self.pos_temporal.data.copy_(sincos_1d(self.config.max_frames, self.config.hidden_size).view_as(self.pos_temporal))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        # Temporal position and temporal attention output: zero (Frozen-in-Time, TimeSformer), so the
-        # encoder starts as an image model and a clip treats its frames alike until training says otherwise.
-        nn.init.zeros_(self.pos_temporal)
-        for block in self.blocks:
-            nn.init.zeros_(block.attn_temporal.proj.weight)
-            nn.init.zeros_(block.attn_temporal.proj.bias)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Embed `(B, C, T, H, W)` pixels in [-1, 1]; returns unnormalised `(B, embed_dim)`."""
@@ -284,6 +302,12 @@ class VideoTextRetriever(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device
+
+    def train(self, mode: bool = True) -> VideoTextRetriever:
+        """Train mode; a frozen text encoder stays in eval mode (no dropout in cached features)."""
+        super().train(mode)
+        self.text_encoder.train(mode and self.text_trainable_layers > 0)
+        return self
 
     def clamp_logit_scale(self):
         """Keep the inverse temperature in [1, 100] (call after each optimiser step)."""

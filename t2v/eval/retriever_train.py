@@ -337,7 +337,6 @@ def train_retriever(cfg: RetrieverConfig) -> dict[str, float]:
 
     # 1. model, optimiser, autocast dtype (chosen once)
     model = build_retriever(cfg.model).to(device).train()
-    model.text_encoder.train(cfg.model.text_trainable_layers > 0)
     optimizer = make_optimizer(model, cfg.train)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
 
