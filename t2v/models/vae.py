@@ -54,7 +54,7 @@ class CausalConv3d(nn.Conv3d):
         num_windows = (x.shape[2] - self.kernel_size[0]) // self.stride[0] + 1
         if num_windows < 1:
             raise ValueError(f"time chunk of {x.shape[2]} frames (with past) is shorter than the kernel")
-        cache[self] = x[:, :, num_windows * self.stride[0] :]
+        cache[self] = x[:, :, num_windows * self.stride[0] :].clone()  # a copy: do not pin the whole chunk
         return super().forward(x)
 
 
@@ -67,11 +67,10 @@ class ChannelRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, C, ...) ; computed in fp32 so that bf16 autocast stays accurate
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(dim=1, keepdim=True) + self.eps)
-        weight = self.weight.float().view(1, -1, *([1] * (x.ndim - 2)))
-        return (h * weight).to(x.dtype)
+        # x: (B, C, ...); the statistic is reduced in fp32 even under bf16 autocast
+        mean_square = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).square() / x.shape[1]
+        scale = torch.rsqrt(mean_square + self.eps).to(x.dtype)
+        return x * scale * self.weight.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))
 
 
 class ResBlock(nn.Module):
@@ -163,7 +162,25 @@ def _mid_blocks(channels: int, attention: bool) -> list[nn.Module]:
     return blocks + [ResBlock(channels, channels)]
 
 
-class Encoder(nn.Module):
+class _CausalStack(nn.Module):
+    """conv_in -> blocks -> norm, SiLU, conv_out; every block takes (x, cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing
+
+    def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
+        x = self.conv_in(x, cache)
+        for block in self.blocks:
+            # checkpointing recomputes a block, so only in one-pass mode (a cache would be updated twice)
+            if torch.is_grad_enabled() and self.gradient_checkpointing and cache is None:
+                x = self._gradient_checkpointing_func(block, x)
+            else:
+                x = block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+class Encoder(_CausalStack):
     """conv_in -> (res blocks, downsample) per level -> mid blocks -> norm, SiLU, conv_out to moments."""
 
     def __init__(self, in_channels, out_channels, block_out_channels, layers_per_block, temporal_downsample,
@@ -181,20 +198,9 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(blocks + _mid_blocks(channels, mid_attention))
         self.norm_out = ChannelRMSNorm(channels)
         self.conv_out = CausalConv3d(channels, out_channels, 3)
-        self.gradient_checkpointing = False
-
-    def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
-        x = self.conv_in(x, cache)
-        for block in self.blocks:
-            # checkpointing recomputes a block, so only in one-pass mode (a cache would be updated twice)
-            if torch.is_grad_enabled() and self.gradient_checkpointing and cache is None:
-                x = self._gradient_checkpointing_func(block, x)
-            else:
-                x = block(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
 
 
-class Decoder(nn.Module):
+class Decoder(_CausalStack):
     """Mirror of `Encoder` with layers_per_block + 1 res blocks per level (as Wan / diffusers decoders)."""
 
     def __init__(self, in_channels, out_channels, block_out_channels, layers_per_block, temporal_downsample,
@@ -213,16 +219,6 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = ChannelRMSNorm(channels)
         self.conv_out = CausalConv3d(channels, out_channels, 3)
-        self.gradient_checkpointing = False
-
-    def forward(self, z: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
-        x = self.conv_in(z, cache)
-        for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing and cache is None:
-                x = self._gradient_checkpointing_func(block, x)
-            else:
-                x = block(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
