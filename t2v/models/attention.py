@@ -70,6 +70,7 @@ def attention(
     `mask` is a bool tensor broadcastable to (B, heads, N_q, N_kv), True = may attend.
     """
     check_backend(backend, q.device)
+    has_key = None
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(f"attention mask must be a bool tensor, got dtype {mask.dtype}")
@@ -78,6 +79,6 @@ def attention(
         mask = mask | ~has_key
     fn = _sdpa if backend == "sdpa" else _xformers
     out = fn(q, k, v, mask)
-    if mask is not None:
+    if has_key is not None:
         out = out * has_key.to(out.dtype)
     return out
