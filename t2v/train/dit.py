@@ -52,6 +52,8 @@ class DiTTask:
 
         # 1. frozen VAE and text encoder (the cache path still needs them for validation and export)
         self.vae = trainer.freeze(trainer.load_vae(cfg.model.vae, seed)).to(self.device)
+        if hasattr(self.vae, "use_framewise_encoding"):  # training clips are short: encode in one pass
+            self.vae.use_framewise_encoding = False
         self.text = trainer.freeze(
             TextEmbedder.from_pretrained(
                 cfg.model.text_encoder, cfg.model.text_encoder_2 or None, max_length=cfg.model.max_text_length

@@ -28,7 +28,7 @@ def flow_scheduler(flow: FlowConfig) -> FlowMatchEulerDiscreteScheduler:
 
 
 def build_pipeline(cfg: Config, transformer, vae, embedder, for_saving: bool = False):
-    """A `T2VPipeline` over the given modules; generation defaults follow the training clip shape.
+    """A `T2VPipeline` over the given modules; generation defaults: the training clip shape, validation settings.
 
     With `for_saving`, the pip-installed "minilm" encoder is referenced by name instead of copied.
     """
