@@ -106,6 +106,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    # Wall-clock budget of this launch in minutes (0 = none): the run then ends as at max_steps, with a final
+    # checkpoint and export. For fixed-time budgets; a resumed run gets the budget again.
+    max_minutes: float = 0.0
     seed: int = 0
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -136,6 +139,8 @@ class TrainConfig:
         for name in ("grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.max_minutes < 0:
+            raise ValueError(f"train.max_minutes={self.max_minutes} must be >= 0 (0 = no time limit)")
         for name in ("warmup_steps", "ckpt_every", "validate_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")

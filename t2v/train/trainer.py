@@ -407,6 +407,16 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def _out_of_time(deadline: float | None, device: torch.device, world_size: int) -> bool:
+    """True once the wall-clock budget is spent; every rank takes rank 0's answer."""
+    if deadline is None:
+        return False
+    flag = torch.tensor(float(time.monotonic() >= deadline), device=device)
+    if world_size > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def train(cfg: Config, task: Task) -> TrainState:
     """Train `task.model` to `cfg.train.max_steps`, resuming from `cfg.resume`; returns the final state."""
     if cfg.distributed.backend != "none":
@@ -476,7 +486,8 @@ def train(cfg: Config, task: Task) -> TrainState:
     progress = tqdm(total=tc.max_steps, initial=state.step, disable=not is_main, desc="train", dynamic_ncols=True)
     window = {"loss": 0.0, "updates": 0, "samples": 0, "tokens": 0, "start": time.perf_counter()}
     model.train()
-    while state.step < tc.max_steps:
+    deadline = time.monotonic() + 60 * tc.max_minutes if tc.max_minutes > 0 else None
+    while state.step < tc.max_steps and not _out_of_time(deadline, device, world_size):
         # 3a. forward and backward over grad_accum micro-batches
         step_loss, extra = torch.zeros((), device=device), {}
         samples = tokens = 0

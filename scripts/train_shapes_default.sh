@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Reproduce the shipped Shapes World default model from nothing:
+#   bash scripts/train_shapes_default.sh [RUN_DIR]
+# 1. the causal VAE on rendered clips, 2. the DiT on clips rendered and encoded by that frozen VAE with
+# MiniLM text, 3. the video-text retriever used as the evaluation judge, 4. the fp16 pipeline folder in
+# t2v/assets/default_model (SHIP=0 skips it). Each stage resumes from its last checkpoint when rerun,
+# and a finished stage is skipped. Extra key=value overrides per stage: VAE_ARGS, DIT_ARGS, RETRIEVER_ARGS.
+# Runs on CUDA when available (minutes on one H100), otherwise on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${1:-runs/shapes_default}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+DEVICE=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+echo "[shapes] run folder $RUN, device $DEVICE"
+
+if [ ! -f "$RUN/vae/vae/config.json" ]; then
+  echo "[shapes] 1/4 VAE"
+  python scripts/train_vae.py --config configs/train/shapes_vae.yaml output_dir="$RUN/vae" resume=latest ${VAE_ARGS:-}
+fi
+if [ ! -f "$RUN/dit/pipeline/model_index.json" ]; then
+  echo "[shapes] 2/4 DiT"
+  python scripts/train.py --config configs/train/shapes_dit.yaml output_dir="$RUN/dit" model.vae="$RUN/vae/vae" \
+    resume=latest ${DIT_ARGS:-}
+fi
+if [ ! -f "$RUN/retriever/model/config.json" ]; then
+  echo "[shapes] 3/4 retriever"
+  python scripts/train_retriever.py --config configs/retriever/shapes.yaml output_dir="$RUN/retriever" \
+    device="$DEVICE" ${RETRIEVER_ARGS:-}
+fi
+if [ "${SHIP:-1}" = "1" ]; then
+  echo "[shapes] 4/4 ship"
+  python scripts/ship_default.py --pipeline "$RUN/dit/pipeline" --out t2v/assets/default_model
+  rm -rf t2v/assets/shapes_retriever && cp -r "$RUN/retriever/model" t2v/assets/shapes_retriever
+fi
+echo "[shapes] done"
