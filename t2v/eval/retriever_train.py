@@ -81,7 +81,7 @@ class RetrieverDataConfig:
 class RetrieverOptimConfig:
     batch_size: int = 256
     max_steps: int = 2000
-    max_minutes: float = 0.0  # wall-clock budget; 0 = none
+    max_minutes: float = 0.0  # wall-clock budget (the cosine schedule ends with it); 0 = none
     seed: int = 0
     lr: float = 5e-4
     text_lr: float = 2e-5  # for fine-tuned text-encoder layers
@@ -110,6 +110,7 @@ class RetrieverOptimConfig:
 class RetrieverConfig:
     output_dir: str = "runs/retriever"
     device: str = "cpu"
+    threads: int = 0  # torch CPU threads; 0 = torch's default
     model: RetrieverModelConfig = field(default_factory=RetrieverModelConfig)
     data: RetrieverDataConfig = field(default_factory=RetrieverDataConfig)
     train: RetrieverOptimConfig = field(default_factory=RetrieverOptimConfig)
@@ -285,11 +286,10 @@ def in_batch_accuracy(text_emb: torch.Tensor, video_emb: torch.Tensor, groups: t
     return (groups[best] == groups).float().mean().item()
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
-    """Linear warm-up, then cosine decay to 0."""
+def lr_factor(step: int, warmup_steps: int, progress: float) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to 0 as `progress` (0..1) runs out."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -330,6 +330,8 @@ def evaluate(model: VideoTextRetriever, videos, captions: list[str]) -> dict[str
 def train_retriever(cfg: RetrieverConfig) -> dict[str, float]:
     """Train, evaluate, and save to `output_dir/model`; returns the final evaluation metrics."""
     torch.manual_seed(cfg.train.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     os.makedirs(cfg.output_dir, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.output_dir, "config.yaml"))  # resolved config
@@ -368,7 +370,11 @@ def train_retriever(cfg: RetrieverConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     step = 0
     for step in range(cfg.train.max_steps):
-        factor = lr_factor(step, cfg.train.warmup_steps, cfg.train.max_steps)
+        # progress: the share of the step budget or of the time budget spent, whichever is larger
+        progress = step / cfg.train.max_steps
+        if cfg.train.max_minutes:
+            progress = max(progress, (time.time() - start) / (60 * cfg.train.max_minutes))
+        factor = lr_factor(step, cfg.train.warmup_steps, progress)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
 
