@@ -354,6 +354,35 @@ def test_wan_vae_folder_as_the_vae(tmp_path, manifest):
     assert model_index["vae"] == ["diffusers", "AutoencoderKLWan"]
 
 
+def test_dit_trains_from_a_latent_cache_and_refuses_a_stale_one(tmp_path, manifest):
+    from t2v.data.cache import finalize_cache, write_cache
+    from t2v.train.dit import DiTTask
+
+    on_the_fly = DiTTask(debug_config(DEBUG, tmp_path / "a", manifest))
+    write_cache(str(tmp_path / "cache"), manifest, on_the_fly.vae, on_the_fly.text, frames=5, height=32, width=32,
+                fps=8.0, batch_size=3, dtype=torch.float32)
+    finalize_cache(str(tmp_path / "cache"), num_rows=6)
+
+    cfg = debug_config(DEBUG, tmp_path / "run", manifest, "data.source=cache", f"data.cache={tmp_path / 'cache'}",
+                       "train.max_steps=4", "data.caption_dropout=0.5", "train.ckpt_every=2")
+    task = DiTTask(cfg)
+    batch = task.next_batch()
+    x0, text = task.encode(batch, torch.Generator().manual_seed(0))
+    assert x0.shape == (2, 4, 3, 16, 16) and text.states.shape == (2, 16, 16)
+    trainer.train(cfg, task)
+    losses = [row["loss"] for row in read_metrics(str(tmp_path / "run")) if "loss" in row]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    # Caption dropout swaps in the cached embedding of "".
+    task.cfg.data.caption_dropout = 1.0
+    _, dropped = task.encode(batch, torch.Generator().manual_seed(0))
+    empty = task.dataset.cache.empty_caption()
+    assert torch.equal(dropped.states[0], empty["text_states"]) and torch.equal(dropped.mask[1], empty["text_mask"])
+
+    with pytest.raises(ValueError, match="stale"):  # another VAE (other seed) than the cache was made with
+        DiTTask(debug_config(DEBUG, tmp_path / "b", manifest, "data.source=cache", f"data.cache={tmp_path / 'cache'}",
+                             "train.seed=1"))
+
+
 # ----------------------------------------------------------------------------------------------------
 # VAE task
 # ----------------------------------------------------------------------------------------------------
