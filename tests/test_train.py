@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -136,9 +137,9 @@ def test_optimizer_and_rng_state_round_trip():
     generator = torch.Generator().manual_seed(3)
     rng_tensors, rng_meta = ckpt.capture_rng({"train": generator})
     rng_meta = json.loads(json.dumps(rng_meta))
-    expected = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), __import__("random").random())
+    expected = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), random.random())
     ckpt.restore_rng(rng_tensors, rng_meta, {"train": generator})
-    again = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), __import__("random").random())
+    again = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), random.random())
     assert expected[0] == again[0] and expected[3] == again[3]
     assert torch.equal(expected[1], again[1]) and torch.equal(expected[2], again[2])
 
