@@ -179,3 +179,48 @@ def test_training_script_runs_end_to_end_on_shapes(tmp_path):
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "metrics.jsonl").exists()
     loaded = VideoTextRetriever.from_pretrained(str(tmp_path / "model"))
     assert loaded.encode_texts(["a small red circle"]).shape == (1, 32)
+
+
+def test_manifest_source_mixes_images_and_videos(tmp_path):
+    import imageio.v2 as imageio
+    from PIL import Image
+
+    videos, captions = synthetic_pairs()
+    rows = ["path,caption"]
+    for i, (video, caption) in enumerate(zip(videos, captions)):
+        if i % 2:
+            imageio.mimwrite(tmp_path / f"clip{i}.mp4", list(video), fps=8, macro_block_size=1)
+            rows.append(f"clip{i}.mp4,{caption}")
+        else:
+            Image.fromarray(video[0]).save(tmp_path / f"frame{i}.png")
+            rows.append(f"frame{i}.png,{caption} (still)")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_retriever_config(
+        "configs/retriever/tiny.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}", "data.source=manifest", f"data.manifest={tmp_path / 'train.csv'}",
+            f"data.eval_manifest={tmp_path / 'train.csv'}", "data.frames=9", "model.sample_size=32",
+            "train.max_steps=2", "train.batch_size=8",
+        ],
+    )
+    metrics = train_retriever(cfg)
+    assert set(metrics) >= {"eval/t2v/R1", "eval/v2t/R1"}
+
+
+def test_fine_tuned_text_layers_train_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = VideoTextRetriever(VideoEncoder(**TINY), text_head_hidden=64, text_trainable_layers=1).train()
+    assert model.text_encoder.training  # dropout on while its last layer trains
+    last = model.text_encoder.encoder.layer[-1].output.dense.weight
+    before = last.detach().clone()
+    optimizer = make_optimizer(model, load_retriever_config(None, ["train.text_lr=1e-3"]).train)
+    videos, captions = synthetic_pairs()
+    loss = contrastive_loss(
+        model.embed_text_features(model.sentence_features(captions)), embed_videos(model, videos), model.logit_scale
+    )
+    loss.backward()
+    optimizer.step()
+    assert not torch.equal(last.detach(), before)
+    model.eval().save_pretrained(tmp_path)
+    loaded = VideoTextRetriever.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(loaded.encode_texts(captions), model.encode_texts(captions))
