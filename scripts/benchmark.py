@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile both models of each pair")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--generate", action="store_true", help="also time a cold `generate.py` run (subprocess)")
+    p.add_argument("--profile", default=None, metavar="PAIR",
+                   help="instead of timing, print torch.profiler tables of both sides of PAIR (e.g. dit_forward) "
+                        "for the first configuration")
     p.add_argument("--json", default=None, help="write the results as a JSON list to this file")
     return p
 
@@ -49,12 +52,12 @@ def time_generate(device: str) -> dict:
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         seconds = time.perf_counter() - start
+    row = {"pair": "generate_cold", "config": "default", "device": device, "ours_s": seconds,
+           "reference_s": None, "ratio": None, "ours_peak_mb": None, "reference_peak_mb": None,
+           "note": f"python generate.py {GENERATE_PROMPT!r} --out-dir TMP --device {device}, wall time of a fresh process"}
     if proc.returncode != 0:
-        raise SystemExit(f"benchmark.py: generate.py failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return {"pair": "generate_cold", "config": "default", "device": device, "ours_s": seconds,
-            "reference_s": None, "ratio": None, "ours_peak_mb": None, "reference_peak_mb": None,
-            "note": f"python generate.py {GENERATE_PROMPT!r} --out-dir TMP, wall time of a fresh process"}
-
+        row.update(ours_s=None, error=f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return row
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -84,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        if args.profile:
+            for name, table in bench.profile_pair(configs[0], device, args.profile).items():
+                print(f"\n== {args.profile} [{configs[0].name}] {name} ==\n{table}")
+            return 0
         print(f"torch {torch.__version__} on {machine}; bf16 autocast with fp32 weights on both sides; "
               f"ratio = ours / diffusers Wan; median of interleaved repeats")
         print(bench.HEADER)
@@ -94,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + bench.format_table(results))
     if args.generate:
         row = time_generate(device.type)
-        print(f"\ncold generate.py ({device.type}): {row['ours_s']:.1f} s wall, one fresh process")
+        if row["ours_s"] is None:
+            print(f"\ncold generate.py ({device.type}) failed, not timed: {row['error']}")
+        else:
+            print(f"\ncold generate.py ({device.type}): {row['ours_s']:.1f} s wall, one fresh process")
         results.append(row)
     threads = torch.get_num_threads()
     for row in results:

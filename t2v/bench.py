@@ -317,8 +317,8 @@ def _measure(fns: dict, config: BenchConfig, device: torch.device) -> tuple[dict
     return times, peaks
 
 
-def bench_dit(config: BenchConfig, device: torch.device, pairs: tuple[str, ...], compile_models: bool,
-              peak_tflops: float | None) -> list[dict]:
+def build_dit_pair(config: BenchConfig, device: torch.device, compile_models: bool = False) -> tuple[dict, dict]:
+    """{"ours"|"reference": (forward, train_step)} closures and {"ours"|"reference": model} for a config."""
     from diffusers import WanTransformer3DModel
 
     from t2v.models.dit import VideoDiT
@@ -328,7 +328,6 @@ def bench_dit(config: BenchConfig, device: torch.device, pairs: tuple[str, ...],
         "ours": randomize_(VideoDiT(**ours_config)),
         "reference": randomize_(WanTransformer3DModel(**wan_transformer_config(ours_config))),
     }
-    params = {name: num_params(model) for name, model in models.items()}
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, *config.latent_shape, generator=generator)
     inputs = {
@@ -345,7 +344,14 @@ def bench_dit(config: BenchConfig, device: torch.device, pairs: tuple[str, ...],
         if compile_models:
             model.compile()
         steps[name] = dit_steps(model, inputs, device)
-    extra = {"ours_params": params["ours"], "reference_params": params["reference"], "compiled": compile_models}
+    return steps, models
+
+
+def bench_dit(config: BenchConfig, device: torch.device, pairs: tuple[str, ...], compile_models: bool,
+              peak_tflops: float | None) -> list[dict]:
+    steps, models = build_dit_pair(config, device, compile_models)
+    extra = {"ours_params": num_params(models["ours"]), "reference_params": num_params(models["reference"]),
+             "compiled": compile_models}
     results = []
     if "dit_forward" in pairs:
         for model in models.values():
@@ -356,7 +362,7 @@ def bench_dit(config: BenchConfig, device: torch.device, pairs: tuple[str, ...],
         for model in models.values():
             model.train()
         times, peaks = _measure({name: train for name, (_, train) in steps.items()}, config, device)
-        flops = dit_train_flops(ours_config, config.latent_shape, config.text_len)
+        flops = dit_train_flops(dit_config(config), config.latent_shape, config.text_len)
         mfu = {}
         if peak_tflops:
             mfu = {f"{name}_mfu": flops / times[name] / (peak_tflops * 1e12) for name in times}
@@ -365,7 +371,8 @@ def bench_dit(config: BenchConfig, device: torch.device, pairs: tuple[str, ...],
     return results
 
 
-def bench_vae(config: BenchConfig, device: torch.device, pairs: tuple[str, ...], compile_models: bool) -> list[dict]:
+def build_vae_pair(config: BenchConfig, device: torch.device, compile_models: bool = False) -> tuple[dict, dict]:
+    """{"ours"|"reference": (encode, decode)} closures and {"ours"|"reference": model} for a config."""
     from diffusers import AutoencoderKLWan
 
     from t2v.models.vae import CausalVideoVAE
@@ -375,7 +382,6 @@ def bench_vae(config: BenchConfig, device: torch.device, pairs: tuple[str, ...],
         "ours": randomize_(CausalVideoVAE(**ours_config)),
         "reference": randomize_(AutoencoderKLWan(**wan_vae_config(ours_config))),
     }
-    params = {name: num_params(model) for name, model in models.items()}
     frames, height, width = config.clip_shape
     t_ratio = 2 ** sum(bool(t) for t in ours_config["temporal_downsample"])
     s_ratio = 2 ** (len(ours_config["block_out_channels"]) - 1)
@@ -394,13 +400,42 @@ def bench_vae(config: BenchConfig, device: torch.device, pairs: tuple[str, ...],
         if compile_models:
             model.compile()
         steps[name] = vae_steps(model, clip, latents, device)
-    extra = {"ours_params": params["ours"], "reference_params": params["reference"], "compiled": compile_models}
+    return steps, models
+
+
+def bench_vae(config: BenchConfig, device: torch.device, pairs: tuple[str, ...], compile_models: bool) -> list[dict]:
+    steps, models = build_vae_pair(config, device, compile_models)
+    extra = {"ours_params": num_params(models["ours"]), "reference_params": num_params(models["reference"]),
+             "compiled": compile_models}
     results = []
     for index, pair in enumerate(("vae_encode", "vae_decode")):
         if pair in pairs:
             times, peaks = _measure({name: fns[index] for name, fns in steps.items()}, config, device)
             results.append(_result(pair, config, device, times, peaks, **extra))
     return results
+
+
+def profile_pair(config: BenchConfig, device: torch.device, pair: str, calls: int = 3, rows: int = 15) -> dict:
+    """torch.profiler tables (top ops by self CPU time) of `calls` calls of each side of `pair`, after warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if pair not in PAIRS:
+        raise ValueError(f"pair {pair!r} is unknown; choose from {PAIRS}")
+    build = build_dit_pair if pair.startswith("dit_") else build_vae_pair
+    steps, models = build(config, device)
+    index = 0 if pair in ("dit_forward", "vae_encode") else 1
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = {}
+    for name, fns in steps.items():
+        models[name].train(pair == "dit_train_step")
+        fns[index]()
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fns[index]()
+            synchronize(device)
+        tables[name] = prof.key_averages().table(sort_by=sort_by, row_limit=rows)
+    return tables
 
 
 def run_benchmark(
