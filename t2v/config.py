@@ -174,6 +174,10 @@ class VAELossConfig:
     reconstruction: str = "l1"  # l1 | l2
     temporal_weight: float = 0.5  # weight of the frame-difference reconstruction term
     kl_weight: float = 1e-6
+    # Hard-pixel term: mean error of the worst `hard_pixel_fraction` of pixels per sample, times its weight.
+    # Small objects cover a few percent of a frame; without it the loss is mostly background.
+    hard_pixel_weight: float = 0.0
+    hard_pixel_fraction: float = 0.05
     eval_batches: int = 2  # held-out batches for PSNR / SSIM
     stats_batches: int = 4  # batches whose latents set scaling_factor / shift_factor
 
@@ -182,6 +186,11 @@ class VAELossConfig:
         if self.temporal_weight < 0 or self.kl_weight < 0:
             raise ValueError(
                 f"vae_loss weights temporal_weight={self.temporal_weight}, kl_weight={self.kl_weight} must be >= 0"
+            )
+        if self.hard_pixel_weight < 0 or not 0 < self.hard_pixel_fraction <= 1:
+            raise ValueError(
+                f"vae_loss.hard_pixel_weight={self.hard_pixel_weight} must be >= 0 and "
+                f"vae_loss.hard_pixel_fraction={self.hard_pixel_fraction} in (0, 1]"
             )
         if self.stats_batches < 1:
             raise ValueError(f"vae_loss.stats_batches={self.stats_batches} must be >= 1")

@@ -70,3 +70,16 @@ def test_loss_of_zero_prediction_matches_the_target_norm():
     noise = torch.randn(x0.shape, generator=generator)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(((noise - x0) ** 2).mean().item(), rel=1e-6)
+
+
+def test_hard_pixel_error_takes_the_worst_pixels():
+    import torch
+
+    from t2v.train.vae import hard_pixel_error
+
+    x = torch.zeros(2, 3, 1, 4, 5)  # 20 pixels per sample; fraction 0.05 keeps the single worst one
+    recon = x.clone()
+    recon[0, 0, 0, 0, 0] = 2.0  # sample 0: worst pixel error 2 (one channel)
+    recon[1, :, 0, 1, 1] = 1.0  # sample 1: worst pixel error 3 (summed over channels)
+    assert hard_pixel_error(recon, x, 0.05).item() == 2.5
+    assert abs(hard_pixel_error(recon, x, 1.0).item() - (2.0 / 20 + 3.0 / 20) / 2) < 1e-6

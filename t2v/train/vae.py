@@ -75,6 +75,13 @@ def video_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return rearrange(frames, "(b t) -> b t", b=batch).mean(dim=1)
 
 
+def hard_pixel_error(recon: torch.Tensor, x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean absolute error over the worst `fraction` of pixels of each sample (errors summed over channels)."""
+    error = (recon - x).abs().sum(dim=1).flatten(1)  # (B, T*H*W)
+    k = max(1, int(round(fraction * error.shape[1])))
+    return error.topk(k, dim=1).values.mean()
+
+
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Mean over elements of KL(N(mean, exp(logvar)) || N(0, 1))."""
     mean, logvar = mean.float(), logvar.float()
@@ -151,13 +158,16 @@ class VAETask:
         else:
             temporal = torch.zeros((), device=x.device)
         kl = gaussian_kl(posterior.mean, posterior.logvar)
-        loss = reconstruction + lc.temporal_weight * temporal + lc.kl_weight * kl
+        hard = hard_pixel_error(recon, x, lc.hard_pixel_fraction) if lc.hard_pixel_weight > 0 else torch.zeros(
+            (), device=x.device)
+        loss = reconstruction + lc.temporal_weight * temporal + lc.kl_weight * kl + lc.hard_pixel_weight * hard
         _, _, frames, height, width = z.shape
         return trainer.StepOutput(
             loss=loss,
             samples=x.shape[0],
             tokens=x.shape[0] * frames * height * width,
             metrics={"reconstruction": reconstruction.item(), "temporal": temporal.item(), "kl": kl.item(),
+                     "hard_pixel": hard.item(),
                      "image_batch": float(x.shape[2] == 1)},
         )
 
