@@ -85,6 +85,9 @@ class DataConfig:
     canonical_prob: float = 0.5
     # Share of 1-frame (image) batches in VAE training with source=shapes.
     image_batch_prob: float = 0.0
+    # VAE training: random windows of this many frames (1 + k * temporal ratio; 0 = whole clips), far cheaper
+    # than whole clips while still training the temporal path.
+    crop_frames: int = 0
 
     def __post_init__(self):
         _check_choice("data.source", self.source, SOURCES)
@@ -94,6 +97,8 @@ class DataConfig:
         for name in ("frames", "height", "width", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if self.crop_frames < 0:
+            raise ValueError(f"data.crop_frames={self.crop_frames} must be >= 0 (0 = whole clips)")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
         if self.source == "shapes" and (self.frames, self.height, self.width) != (17, 64, 64):

@@ -139,6 +139,10 @@ class VAETask:
         if self.dataset is not None:
             return trainer.next_readable(self.stream, self.dataset)
         batch = next(self.stream)
+        crop = self.cfg.data.crop_frames
+        if crop and batch["video"].shape[2] > crop:  # a random window of `crop` frames, the same for the batch
+            start = int(self.rng.integers(0, batch["video"].shape[2] - crop + 1))
+            batch = {**batch, "video": batch["video"][:, :, start : start + crop]}
         if self.rng.random() < self.cfg.data.image_batch_prob:  # joint image training: one frame per clip
             video = batch["video"]
             frame = torch.as_tensor(self.rng.integers(0, video.shape[2], video.shape[0]), device=video.device)
