@@ -205,6 +205,10 @@ class VAELossConfig:
 class DistributedConfig:
     backend: str = "none"  # none | ddp | deepspeed
     zero_stage: int = 0
+    # DeepSpeed JSON ("" = ZeRO `zero_stage` with defaults); its "auto" values are filled from this config.
+    deepspeed_config: str = ""
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states on CPU
+    offload_params: bool = False  # ZeRO-3 parameter offload to CPU
     sequence_parallel_size: int = 1
 
     def __post_init__(self):

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from t2v.config import Config, ModelConfig, TrainConfig, save_config
+from t2v.parallel import distributed as par
 from t2v.train import checkpoint as ckpt
 from t2v.train.logger import MetricsLogger
 
@@ -38,10 +39,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 
 def dist_info() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed when initialised, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    """(rank, world_size): joins the launcher's process group on first use under torchrun, else (0, 1)."""
+    return par.init_distributed()
 
 
 def pick_device() -> torch.device:
@@ -195,12 +194,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------
 
 
-def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases, norms, or modulation vectors)."""
+def param_groups(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not on biases, norms, or modulation vectors)."""
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(params, cfg), lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
@@ -418,13 +420,14 @@ def _out_of_time(deadline: float | None, device: torch.device, world_size: int) 
 
 
 def train(cfg: Config, task: Task) -> TrainState:
-    """Train `task.model` to `cfg.train.max_steps`, resuming from `cfg.resume`; returns the final state."""
-    if cfg.distributed.backend != "none":
-        raise ValueError(
-            f"distributed.backend={cfg.distributed.backend!r} is not available in this trainer yet; use 'none'"
-        )
+    """Train `task.model` to `cfg.train.max_steps`, resuming from `cfg.resume`; returns the final state.
+
+    distributed.backend "ddp" wraps the model in DDP, "deepspeed" hands model, AdamW and schedule to a ZeRO
+    engine (t2v.parallel); checkpoints hold whole, unwrapped tensors either way.
+    """
     tc = cfg.train
     rank, world_size = dist_info()
+    par.check_launch(cfg.distributed.backend, world_size)
     device = task.device
     dtype = autocast_dtype(tc.mixed_precision, device)  # chosen once for the whole run
     is_main = rank == 0
@@ -435,35 +438,55 @@ def train(cfg: Config, task: Task) -> TrainState:
     model = task.model
     params = prepare_trainable(model, cfg.model)
     trained = [p for _, p in params]
-    optimizer = build_optimizer(params, tc)
-    lr_scheduler = build_lr_scheduler(optimizer, tc)
+    groups = param_groups(params, tc)
+    root = ckpt.checkpoint_root(cfg.output_dir)
+    resume_from = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
+    if resume_from is not None:  # weights first: DeepSpeed partitions what the module holds
+        tensors, meta = ckpt.load_checkpoint(resume_from)
+        model.load_state_dict(tensors["model"])
+    engine = None
+    if cfg.distributed.backend == "deepspeed":
+        from t2v.parallel import deepspeed_engine
+
+        engine = deepspeed_engine.initialize(model, groups, lambda opt: build_lr_scheduler(opt, tc), cfg, world_size)
+        forward_model, optimizer, lr_scheduler = engine, engine.optimizer, engine.lr_scheduler
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
+        lr_scheduler = build_lr_scheduler(optimizer, tc)
+        forward_model = par.parallelize(model, cfg.distributed)  # DDP on more than one process
     ema = EMA(params, tc.ema_decay) if tc.ema_decay > 0 else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    generator = torch.Generator(device).manual_seed(tc.seed + rank)  # noise, sigmas, latent samples
+    # Noise, sigmas, latent samples; reseeded per global micro-batch (par.noise_seed), so topology-free.
+    generator = torch.Generator(device).manual_seed(tc.seed + rank)
     state = TrainState()
 
     # 2. resume
-    root = ckpt.checkpoint_root(cfg.output_dir)
-    resume_from = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
     if resume_from is not None:
-        tensors, meta = ckpt.load_checkpoint(resume_from)
-        model.load_state_dict(tensors["model"])
-        optimizer.load_state_dict(ckpt.unflatten_optimizer_state(tensors.get("optimizer", {}), meta["optimizer"]))
+        opt_state = ckpt.unflatten_optimizer_state(tensors.get("optimizer", {}), meta["optimizer"])
         lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        if engine is not None:
+            deepspeed_engine.load_full_state(engine, groups, tensors["model"], opt_state)
+        else:
+            optimizer.load_state_dict(opt_state)
         scaler.load_state_dict(meta["scaler"])
         if ema is not None:
             if "ema" not in meta:
                 raise ValueError(f"checkpoint {resume_from!r} has no EMA but train.ema_decay={tc.ema_decay}")
             ema.load(tensors["ema"], meta["ema"])
         task.load_state_dict(meta["task"])
-        ckpt.restore_rng(tensors["rng"], meta["rng"], {"train": generator})
         state = TrainState(**meta["train_state"])
+        par.restore_rng(tensors["rng"], meta["rng"], {"train": generator}, tc.seed, state.step)
 
     def save() -> None:
+        # Collective parts first (every rank), then rank 0 writes whole, unwrapped tensors.
+        rng_tensors, rng_meta = par.gather_rng({"train": generator})
+        if engine is not None:
+            model_state, opt_state = deepspeed_engine.full_state(engine, groups)
+        else:
+            model_state, opt_state = model.state_dict(), optimizer.state_dict()
         if is_main:
-            rng_tensors, rng_meta = ckpt.capture_rng({"train": generator})
-            opt_tensors, opt_meta = ckpt.flatten_optimizer_state(optimizer.state_dict())
-            tensors = {"model": model.state_dict(), "optimizer": opt_tensors, "rng": rng_tensors}
+            opt_tensors, opt_meta = ckpt.flatten_optimizer_state(opt_state)
+            tensors = {"model": model_state, "optimizer": opt_tensors, "rng": rng_tensors}
             meta = {
                 "train_state": vars(state).copy(),
                 "optimizer": opt_meta,
@@ -478,6 +501,9 @@ def train(cfg: Config, task: Task) -> TrainState:
         if world_size > 1:
             dist.barrier()
 
+    def whole_params():  # ZeRO-3 gathers the partitioned parameters (every rank enters)
+        return deepspeed_engine.gathered(engine) if engine is not None else contextlib.nullcontext()
+
     def ema_weights():
         return ema.swapped_in() if ema is not None else contextlib.nullcontext()
 
@@ -491,41 +517,58 @@ def train(cfg: Config, task: Task) -> TrainState:
         # 3a. forward and backward over grad_accum micro-batches
         step_loss, extra = torch.zeros((), device=device), {}
         samples = tokens = 0
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
             batch = task.next_batch()
-            with autocast(device, dtype):
-                out = task.loss(model, batch, generator)
-            scaler.scale(out.loss / tc.grad_accum).backward()
+            generator.manual_seed(par.noise_seed(tc.seed, par.micro_batch_index(
+                state.step, micro, tc.grad_accum, rank, world_size)))
+            last = micro == tc.grad_accum - 1
+            with par.sync_gradients(forward_model, last):
+                with autocast(device, dtype):
+                    out = task.loss(forward_model, batch, generator)
+                if engine is not None:
+                    engine.backward(out.loss)  # DeepSpeed divides by grad_accum itself
+                    if not last:
+                        engine.step()  # counts the micro-batch; updates only at the accumulation boundary
+                else:
+                    scaler.scale(out.loss / tc.grad_accum).backward()
             step_loss += out.loss.detach() / tc.grad_accum
             samples, tokens, extra = samples + out.samples, tokens + out.tokens, out.metrics
         if world_size > 1:
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
 
-        # 3b. clip; a non-finite loss or gradient skips the update
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        # 3b. update: DeepSpeed clips and steps inside its engine; otherwise clip here, and a non-finite loss
+        # or gradient skips the update
         loss_value = step_loss.item()
-        # With fp16 the scaler itself skips updates whose gradients overflowed.
-        if not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(grad_norm.item())):
-            if scaler.is_enabled():
-                scaler.update()
+        if engine is not None:
+            if not math.isfinite(loss_value):  # ZeRO already holds the reduced gradients: stop, do not skip
+                raise NonFiniteLossError(f"non-finite loss {loss_value} at step {state.step} with DeepSpeed; "
+                                         f"last good checkpoint: {ckpt.latest_checkpoint(root) or 'none'}")
+            engine.step()  # clip, AdamW, LR schedule, zero gradients
+            grad_norm = torch.as_tensor(float(engine.get_global_grad_norm() or 0.0))
+        else:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            # With fp16 the scaler itself skips updates whose gradients overflowed.
+            if not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(grad_norm.item())):
+                if scaler.is_enabled():
+                    scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                state.nonfinite_in_a_row += 1
+                logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm.item(), "skipped_nonfinite": True,
+                                        "nonfinite_in_a_row": state.nonfinite_in_a_row})
+                if state.nonfinite_in_a_row >= tc.max_nonfinite_steps:
+                    last = ckpt.latest_checkpoint(root)
+                    logger.close()
+                    progress.close()
+                    raise NonFiniteLossError(
+                        f"stopping at step {state.step}: {state.nonfinite_in_a_row} non-finite losses in a row "
+                        f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); last good checkpoint: {last or 'none'}"
+                    )
+                continue
+            scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
+            scaler.update()
+            lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state.nonfinite_in_a_row += 1
-            logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm.item(), "skipped_nonfinite": True,
-                                    "nonfinite_in_a_row": state.nonfinite_in_a_row})
-            if state.nonfinite_in_a_row >= tc.max_nonfinite_steps:
-                last = ckpt.latest_checkpoint(root)
-                logger.close()
-                progress.close()
-                raise NonFiniteLossError(
-                    f"stopping at step {state.step}: {state.nonfinite_in_a_row} non-finite losses in a row "
-                    f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); last good checkpoint: {last or 'none'}"
-                )
-            continue
-        scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
-        scaler.update()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step()
         state.step += 1
@@ -555,22 +598,25 @@ def train(cfg: Config, task: Task) -> TrainState:
         # 3d. checkpoint and validation
         if tc.ckpt_every and state.step % tc.ckpt_every == 0 and state.step < tc.max_steps:
             save()
-        if tc.validate_every and state.step % tc.validate_every == 0 and is_main:
-            model.eval()
-            with ema_weights(), torch.no_grad(), autocast(device, dtype):
-                logger.log(state.step, task.validate(model, state.step))
-            model.train()
+        if tc.validate_every and state.step % tc.validate_every == 0:
+            with whole_params():
+                if is_main:
+                    model.eval()
+                    with ema_weights(), torch.no_grad(), autocast(device, dtype):
+                        logger.log(state.step, task.validate(model, state.step))
+                    model.train()
             window["start"] = time.perf_counter()  # keep validation out of the throughput numbers
 
     # 4. final checkpoint; final validation and export with the averaged weights
     progress.close()
     save()
-    if is_main:
-        model.eval()
-        with ema_weights(), torch.no_grad():
-            if not (tc.validate_every and state.step % tc.validate_every == 0):
-                with autocast(device, dtype):
-                    logger.log(state.step, task.validate(model, state.step))
-            task.export(model)
+    with whole_params():
+        if is_main:
+            model.eval()
+            with ema_weights(), torch.no_grad():
+                if not (tc.validate_every and state.step % tc.validate_every == 0):
+                    with autocast(device, dtype):
+                        logger.log(state.step, task.validate(model, state.step))
+                task.export(model)
     logger.close()
     return state

@@ -1,0 +1,212 @@
+"""DeepSpeed ZeRO (stages 1-3) through `deepspeed.initialize`, with single-file, topology-free checkpoints.
+
+The DeepSpeed JSON (`distributed.deepspeed_config`, e.g. configs/deepspeed/zero2.json) says how to shard;
+every value the typed config already knows is "auto" there and is filled from it (`fill_config`):
+micro-batch size, gradient accumulation, clipping, bf16, AdamW lr / betas / weight decay. The AdamW is
+torch's (`"torch_adam": true`), so nothing is compiled for it.
+
+Checkpoints stay in the trainer's format: the full fp32 master weights (`safe_get_full_fp32_param`,
+gathered over ranks) and the full AdamW moments (`safe_get_full_optimizer_state`) in torch's AdamW
+`state_dict` layout, so a ZeRO run resumes on another process count, or without DeepSpeed at all.
+`full_state` and `load_full_state` are collective: every rank calls them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from t2v.config import Config
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def load_json(path: str) -> dict:
+    if not Path(path).is_file():
+        raise ValueError(f"distributed.deepspeed_config={path!r} does not exist")
+    with open(path) as f:
+        return json.load(f)
+
+
+def fill_config(ds: dict, cfg: Config, world_size: int) -> dict:
+    """A copy of DeepSpeed config `ds` with every "auto" filled from the typed config; checks the rest."""
+    tc, dc = cfg.train, cfg.distributed
+    ds = copy.deepcopy(ds)
+    known = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "gradient_clipping": tc.grad_clip,
+        "train_batch_size": cfg.data.batch_size * tc.grad_accum * world_size,
+    }
+    for key, value in known.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ValueError(f"deepspeed config {key}={ds[key]!r} disagrees with the training config ({value!r}); "
+                             "set it to \"auto\"")
+    for precision, enabled in (("bf16", tc.mixed_precision == "bf16"), ("fp16", tc.mixed_precision == "fp16")):
+        block = ds.setdefault(precision, {})
+        if block.get("enabled", "auto") == "auto":
+            block["enabled"] = enabled
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", "auto") == "auto":
+        zero["stage"] = dc.zero_stage
+    elif zero["stage"] != dc.zero_stage:
+        raise ValueError(f"distributed.zero_stage={dc.zero_stage} but the deepspeed config has stage "
+                         f"{zero['stage']}; make them agree (or set the file's stage to \"auto\")")
+    if dc.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        ds["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW on CPU partitions, nothing compiled
+    if dc.offload_params:
+        if dc.zero_stage != 3:
+            raise ValueError(f"distributed.offload_params=true needs distributed.zero_stage=3, got {dc.zero_stage}")
+        zero["offload_param"] = {"device": "cpu"}
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        for key, value in (("lr", tc.lr), ("betas", list(tc.betas)), ("weight_decay", tc.weight_decay)):
+            if params.get(key, "auto") == "auto":
+                params[key] = value
+        params.setdefault("torch_adam", True)
+    ds.setdefault("steps_per_print", 10**9)
+    leftover = [path for path, value in _walk(ds) if value == "auto"]
+    if leftover:
+        raise ValueError(f"deepspeed config keys {leftover} are \"auto\" but the trainer does not know them")
+    return ds
+
+
+def _walk(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _walk(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def initialize(model: nn.Module, param_groups: list[dict], make_scheduler: Callable, cfg: Config, world_size: int):
+    """`deepspeed.initialize` on the finished model; returns the engine (engine.optimizer, engine.lr_scheduler).
+
+    `param_groups` are AdamW groups (decay / no decay) of the trained parameters, in the order the trainer's
+    checkpoints index them; `make_scheduler(optimizer)` builds the LR schedule on DeepSpeed's AdamW.
+    """
+    import deepspeed
+
+    dc = cfg.distributed
+    if dc.zero_stage == 3 and cfg.train.ema_decay > 0:
+        raise ValueError(f"train.ema_decay={cfg.train.ema_decay} with distributed.zero_stage=3: the EMA needs whole "
+                         "parameters on every rank; use zero_stage 1 or 2, or train.ema_decay=0")
+    ds = fill_config(load_json(dc.deepspeed_config) if dc.deepspeed_config else {}, cfg, world_size)
+    if "optimizer" in ds:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups, lr_scheduler=make_scheduler,
+                                          config=ds)
+    else:
+        tc = cfg.train
+        optimizer = torch.optim.AdamW(param_groups, lr=tc.lr, betas=tuple(tc.betas))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds)
+    return engine
+
+
+def inner_optimizer(engine) -> torch.optim.Optimizer:
+    """Torch's AdamW inside DeepSpeed's ZeRO wrapper (its params are the flat fp32 partitions)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def gathered(engine):
+    """Context with whole parameters in the module on every rank (ZeRO-3 gathers them; collective)."""
+    if engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+def _ordered(engine, param_groups: list[dict]) -> list[nn.Parameter]:
+    return [p for group in param_groups for p in group["params"]]
+
+
+def _group_settings(group: dict) -> dict:
+    """A param group's settings that a torch optimizer's `state_dict` keeps (JSON-able, no tensors)."""
+    keep = {}
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, (int, float, bool, str, list)) or value is None:
+            keep[key] = value
+    return keep
+
+
+def full_state(engine, param_groups: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model state dict with fp32 master weights, torch AdamW state dict), whole, on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    module = engine.module
+    with gathered(engine):
+        model = {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
+    names = {id(p): name for name, p in module.named_parameters()}
+    ordered = _ordered(engine, param_groups)
+    inner = inner_optimizer(engine)
+    steps = [s["step"] for s in inner.state.values() if "step" in s]
+    step = torch.as_tensor(steps[0], dtype=torch.float32).clone().cpu() if steps else None
+    state = {}
+    for index, param in enumerate(ordered):
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            model[names[id(param)]] = master.detach().cpu().clone()
+        if step is not None:
+            state[index] = {key: safe_get_full_optimizer_state(param, key).detach().cpu().clone() for key in ADAM_KEYS}
+            state[index]["step"] = step.clone()
+    counts = [len(group["params"]) for group in param_groups]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    groups = [
+        {**_group_settings(inner_group), "params": list(range(start, start + count))}
+        for inner_group, start, count in zip(inner.param_groups, starts, counts)
+    ]
+    return model, {"state": state, "param_groups": groups}
+
+
+@torch.no_grad()
+def load_full_state(engine, param_groups: list[dict], model: dict[str, torch.Tensor], optimizer: dict) -> None:
+    """Put fp32 master weights and AdamW moments of a trainer checkpoint into the engine's partitions.
+
+    The module itself must already hold the checkpoint's weights (loaded before `initialize`).
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    ordered = _ordered(engine, param_groups)
+    inner = inner_optimizer(engine)
+    state = optimizer.get("state", {})
+    if state:
+        # torch's AdamW makes its state at the first step: take one with zero gradients and lr 0 (no change).
+        lrs = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+            for flat in group["params"]:
+                flat.grad = torch.zeros_like(flat)
+        inner.step()
+        for group, lr in zip(inner.param_groups, lrs):
+            group["lr"] = lr
+            for flat in group["params"]:
+                flat.grad = None
+    for index, param in enumerate(ordered):
+        device = param.device
+        safe_set_full_fp32_param(param, model[names[id(param)]].to(device, torch.float32))
+        if state:
+            entry = state[index] if index in state else state[str(index)]
+            for key in ADAM_KEYS:
+                safe_set_full_optimizer_state(param, entry[key].to(device, torch.float32), key)
+    if state:
+        first = state[0] if 0 in state else state["0"]
+        for flat_state in inner.state.values():
+            flat_state["step"] = torch.as_tensor(first["step"], dtype=torch.float32).clone()
+    for group, saved in zip(inner.param_groups, optimizer.get("param_groups", [])):
+        for key in ("lr", "initial_lr"):
+            if key in saved:
+                group[key] = saved[key]

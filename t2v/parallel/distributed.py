@@ -1,0 +1,147 @@
+"""Process groups, data-parallel wrapping and topology-free RNG for multi-process training.
+
+Launch with `torchrun` (or the `deepspeed` launcher, SLURM via scripts/slurm_train.sh); the process group
+comes from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
+gloo on CPU, nccl on CUDA, with a timeout of T2V_DIST_TIMEOUT_MINUTES (default 30).
+
+The model itself stays single-device; `parallelize(model, cfg)` applies distribution afterwards.
+
+Randomness that must not depend on the topology:
+- data order: the sampler counts *global* batches (t2v.data.buckets);
+- noise, sigmas, latent samples: `noise_seed(seed, index)` reseeds the training generator for every
+  global micro-batch, index = (step * grad_accum + micro) * world_size + rank; so 2 ranks x 1
+  micro-batch and 1 rank x 2 micro-batches see the same samples with the same noise;
+- the global python / numpy / torch RNGs (unused by the loss): each rank's state is stored; a resume on
+  the same world size restores each rank's own, on another world size every rank reseeds them from
+  (seed, step, rank) (`restore_rng`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from t2v.config import DistributedConfig
+from t2v.train import checkpoint as ckpt
+
+DEFAULT_TIMEOUT_MINUTES = 30.0
+
+
+def launched_by_torchrun() -> bool:
+    """True when the launcher's environment (WORLD_SIZE, RANK) is present."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def timeout_minutes() -> float:
+    value = os.environ.get("T2V_DIST_TIMEOUT_MINUTES", str(DEFAULT_TIMEOUT_MINUTES))
+    try:
+        minutes = float(value)
+    except ValueError:
+        raise ValueError(f"T2V_DIST_TIMEOUT_MINUTES={value!r} must be a number of minutes") from None
+    if minutes <= 0:
+        raise ValueError(f"T2V_DIST_TIMEOUT_MINUTES={value!r} must be > 0")
+    return minutes
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the launcher's process group once (no-op without a launcher); returns (rank, world_size).
+
+    Sets the CUDA device to LOCAL_RANK before the group is made, so nccl binds one GPU per process.
+    """
+    if not dist.is_available() or not launched_by_torchrun():
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes()))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def check_launch(backend: str, world_size: int) -> None:
+    """Refuse a multi-process launch without a data-parallel backend (ranks would silently diverge)."""
+    if world_size > 1 and backend == "none":
+        raise ValueError(
+            f"launched on {world_size} processes but distributed.backend='none'; set distributed.backend=ddp "
+            "or distributed.backend=deepspeed"
+        )
+
+
+def parallelize(model: nn.Module, cfg: DistributedConfig) -> nn.Module:
+    """The module the training loop calls: `DistributedDataParallel(model)` for backend "ddp" on more than
+    one process, else `model` itself. Parameters stay shared, so the unwrapped model is what is saved."""
+    if cfg.backend != "ddp" or not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def sync_gradients(model: nn.Module, sync: bool):
+    """Context for one micro-batch's forward and backward: DDP all-reduces gradients only when `sync`."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Randomness
+# ----------------------------------------------------------------------------------------------------
+
+
+def noise_seed(seed: int, index: int) -> int:
+    """Seed of the training generator for global micro-batch `index` (a 63-bit mix of both)."""
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (2**63)
+
+
+def micro_batch_index(step: int, micro: int, grad_accum: int, rank: int, world_size: int) -> int:
+    """Global position of a rank's micro-batch: step-major, then micro-batch, then rank."""
+    return (step * grad_accum + micro) * world_size + rank
+
+
+def gather_rng(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every rank's RNG states as one checkpoint group: tensors "{rank}.{key}", meta {"ranks": [...]}.
+
+    Collective: all ranks call it; the result is complete on every rank.
+    """
+    tensors, meta = ckpt.capture_rng(generators)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, ({k: v.cpu() for k, v in tensors.items()}, meta))
+    else:
+        everyone = [(tensors, meta)]
+    flat = {f"{rank}.{key}": value for rank, (named, _) in enumerate(everyone) for key, value in named.items()}
+    return flat, {"ranks": [rank_meta for _, rank_meta in everyone]}
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, generators: dict[str, torch.Generator],
+                seed: int, step: int) -> str:
+    """Restore this rank's RNG states, or reseed them when the checkpoint's world size differs.
+
+    Returns "restored" or "reseeded". Checkpoints in the single-process format (no "ranks") restore as is.
+    """
+    from t2v.train.trainer import seed_everything
+
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if "ranks" not in meta:
+        if world_size == 1:
+            ckpt.restore_rng(tensors, meta, generators)
+            return "restored"
+        saved_world = 1
+    else:
+        saved_world = len(meta["ranks"])
+    if saved_world == world_size:
+        prefix = f"{rank}."
+        own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        ckpt.restore_rng(own, meta["ranks"][rank], generators)
+        return "restored"
+    seed_everything(noise_seed(seed, step * 65536 + rank))
+    for generator in generators.values():
+        generator.manual_seed(noise_seed(seed + 1, step * 65536 + rank))
+    return "reseeded"
