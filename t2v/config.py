@@ -237,8 +237,16 @@ class Config:
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- `key=value` overrides, checked against the schema; returns a `Config`."""
-    schema = OmegaConf.structured(Config)
-    OmegaConf.set_struct(schema, True)
+    return load_structured(Config, path, overrides)
+
+
+def load_structured(schema_cls, path: str | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """Any dataclass schema: defaults <- YAML <- `key=value` overrides in OmegaConf struct mode.
+
+    An unknown key or a badly typed value is a ValueError naming the key and where it came from.
+    """
+    merged = OmegaConf.structured(schema_cls)
+    OmegaConf.set_struct(merged, True)
     layers = []
     if path:
         if not os.path.isfile(path):
@@ -248,7 +256,6 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     if bad:
         raise ValueError(f"overrides {bad} must have the form key=value")
     layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    merged = schema
     for origin, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)

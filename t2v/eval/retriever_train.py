@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from t2v.eval.retrieval import retrieval_metrics
 from t2v.eval.retriever import VideoEncoder, VideoTextRetriever, contrastive_loss
@@ -118,25 +117,9 @@ class RetrieverConfig:
 
 def load_retriever_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RetrieverConfig:
     """Defaults <- YAML <- `key=value` overrides, in OmegaConf struct mode (unknown keys are errors)."""
-    merged = OmegaConf.structured(RetrieverConfig)
-    OmegaConf.set_struct(merged, True)
-    layers = []
-    if path:
-        if not os.path.isfile(path):
-            raise ValueError(f"config file {path!r} does not exist")
-        layers.append((path, OmegaConf.load(path)))
-    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
-    if bad:
-        raise ValueError(f"overrides {bad} must have the form key=value")
-    layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    for origin, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except (ConfigKeyError, ConfigAttributeError) as e:
-            raise ValueError(f"unknown config key {e.full_key!r} in {origin}") from e
-        except OmegaConfBaseException as e:
-            raise ValueError(f"bad config value for {e.full_key!r} in {origin}: {str(e).splitlines()[0]}") from e
-    return OmegaConf.to_object(merged)
+    from t2v.config import load_structured
+
+    return load_structured(RetrieverConfig, path, overrides)
 
 
 def build_retriever(cfg: RetrieverModelConfig) -> VideoTextRetriever:
