@@ -101,6 +101,8 @@ def initialize(model: nn.Module, param_groups: list[dict], make_scheduler: Calla
         raise ValueError(f"train.ema_decay={cfg.train.ema_decay} with distributed.zero_stage=3: the EMA needs whole "
                          "parameters on every rank; use zero_stage 1 or 2, or train.ema_decay=0")
     ds = fill_config(load_json(dc.deepspeed_config) if dc.deepspeed_config else {}, cfg, world_size)
+    # Copies: torch optimizers adopt the group dicts, and ZeRO then swaps their params for flat partitions.
+    param_groups = [dict(group, params=list(group["params"])) for group in param_groups]
     if "optimizer" in ds:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups, lr_scheduler=make_scheduler,
                                           config=ds)
@@ -142,6 +144,14 @@ def _group_settings(group: dict) -> dict:
     return keep
 
 
+def _link_moments(engine) -> None:
+    """ZeRO-1/2 link each parameter to its AdamW moments after the first step, but only the moments that
+    exist by then: after the first param group's step. Link again now that every group has them."""
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def full_state(engine, param_groups: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
     """(model state dict with fp32 master weights, torch AdamW state dict), whole, on every rank."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -154,6 +164,8 @@ def full_state(engine, param_groups: list[dict]) -> tuple[dict[str, torch.Tensor
     inner = inner_optimizer(engine)
     steps = [s["step"] for s in inner.state.values() if "step" in s]
     step = torch.as_tensor(steps[0], dtype=torch.float32).clone().cpu() if steps else None
+    if step is not None:
+        _link_moments(engine)
     state = {}
     for index, param in enumerate(ordered):
         master = safe_get_full_fp32_param(param)
@@ -195,6 +207,7 @@ def load_full_state(engine, param_groups: list[dict], model: dict[str, torch.Ten
             group["lr"] = lr
             for flat in group["params"]:
                 flat.grad = None
+        _link_moments(engine)
     for index, param in enumerate(ordered):
         device = param.device
         safe_set_full_fp32_param(param, model[names[id(param)]].to(device, torch.float32))
