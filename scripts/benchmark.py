@@ -59,6 +59,19 @@ def time_generate(device: str) -> dict:
         row.update(ours_s=None, error=f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
     return row
 
+def write_json(path: str | None, rows: list[dict], machine: str) -> None:
+    """Write the results so far (each with torch version and machine) to `path`, if given."""
+    if not path:
+        return
+    import torch
+
+    for row in rows:
+        row.update(torch=torch.__version__, machine=machine, threads=torch.get_num_threads())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch {torch.__version__} on {machine}; bf16 autocast with fp32 weights on both sides; "
               f"ratio = ours / diffusers Wan; median of interleaved repeats")
         print(bench.HEADER)
-        results = bench.run_benchmark(configs, device, pairs, compile_models=args.compile)
+        results = bench.run_benchmark(configs, device, pairs, compile_models=args.compile,
+                                      on_result=lambda rows: write_json(args.json, rows, machine))
     except ValueError as e:
         parser.error(str(e))
     print("\nDiT training-step model FLOPs: " + bench.describe_flops())
@@ -106,14 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"\ncold generate.py ({device.type}): {row['ours_s']:.1f} s wall, one fresh process")
         results.append(row)
-    threads = torch.get_num_threads()
-    for row in results:
-        row["threads"] = threads
-        row["torch"] = torch.__version__
+    write_json(args.json, results, machine)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

@@ -147,11 +147,11 @@ def wan_vae_config(ours: dict) -> dict:
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Same weight scheme on both sides: every parameter of 2+ dims ~ N(0, 0.02); norms and biases kept."""
-    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
+            generator = torch.Generator(param.device).manual_seed(seed)
             if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                param.normal_(0.0, 0.02, generator=generator)
     return model
 
 
@@ -324,10 +324,11 @@ def build_dit_pair(config: BenchConfig, device: torch.device, compile_models: bo
     from t2v.models.dit import VideoDiT
 
     ours_config = dit_config(config)
-    models = {
-        "ours": randomize_(VideoDiT(**ours_config)),
-        "reference": randomize_(WanTransformer3DModel(**wan_transformer_config(ours_config))),
-    }
+    with torch.device(device):  # initialise on the device: a 1.4B-parameter init on the CPU takes minutes
+        models = {
+            "ours": randomize_(VideoDiT(**ours_config)),
+            "reference": randomize_(WanTransformer3DModel(**wan_transformer_config(ours_config))),
+        }
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, *config.latent_shape, generator=generator)
     inputs = {
@@ -378,10 +379,11 @@ def build_vae_pair(config: BenchConfig, device: torch.device, compile_models: bo
     from t2v.models.vae import CausalVideoVAE
 
     ours_config = vae_config(config)
-    models = {
-        "ours": randomize_(CausalVideoVAE(**ours_config)),
-        "reference": randomize_(AutoencoderKLWan(**wan_vae_config(ours_config))),
-    }
+    with torch.device(device):
+        models = {
+            "ours": randomize_(CausalVideoVAE(**ours_config)),
+            "reference": randomize_(AutoencoderKLWan(**wan_vae_config(ours_config))),
+        }
     frames, height, width = config.clip_shape
     t_ratio = 2 ** sum(bool(t) for t in ours_config["temporal_downsample"])
     s_ratio = 2 ** (len(ours_config["block_out_channels"]) - 1)
@@ -444,8 +446,12 @@ def run_benchmark(
     pairs: tuple[str, ...] = PAIRS,
     compile_models: bool = False,
     log: Callable[[str], None] = print,
+    on_result: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Measure every pair of every configuration; one result dict per (pair, configuration)."""
+    """Measure every pair of every configuration; one result dict per (pair, configuration).
+
+    `on_result(results so far)` is called after each measurement, so a run cut short keeps what it measured.
+    """
     unknown = set(pairs) - set(PAIRS)
     if unknown:
         raise ValueError(f"pairs {sorted(unknown)} are unknown; choose from {PAIRS}")
@@ -465,6 +471,8 @@ def run_benchmark(
             for result in bench(config, device, wanted, compile_models, *args):
                 log(format_row(result))
                 results.append(result)
+                if on_result is not None:
+                    on_result(results)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
