@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,56 @@ def test_ulysses_attention_and_sequence_parallel_dit(workdir):
         print(f"rank {rank}: max |diff| vs one process {results}")
         assert results.keys() == {"attention", "forward", "grad"}
         assert all(value < 1e-5 for value in results.values()), results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cluster check and a 2-node launch (two torchrun agents on loopback)
+# ----------------------------------------------------------------------------------------------------
+
+
+def two_nodes(args_node0: list[str], args_node1: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Two `torchrun --nnodes 2` agents, one process each, meeting at a c10d rendezvous on 127.0.0.1."""
+    port = free_port()
+    procs = []
+    for node_rank, args in enumerate((args_node0, args_node1)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+               "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", f"test{port}", *args]
+        print("launch:", " ".join(cmd))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results
+
+
+def test_check_cluster_passes_on_a_good_launch():
+    done = run(torchrun(2) + ["scripts/check_cluster.py", "--config", DEBUG, "train.max_steps=7"], timeout=120)
+    print(done.stdout)
+    assert "cluster ok: 2 ranks" in done.stdout and "all-reduce" in done.stdout
+    assert "rank 1:" in done.stdout and "0 GPU(s) cpu" in done.stdout
+
+
+def test_check_cluster_names_a_config_mismatch():
+    check = ["scripts/check_cluster.py", "--config", DEBUG]
+    tic = time.perf_counter()
+    nodes = two_nodes(check + ["train.lr=0.001"], check + ["train.lr=0.002"], timeout=120)
+    seconds = time.perf_counter() - tic
+    errors = "".join(node.stderr for node in nodes)
+    print(f"mismatch reported in {seconds:.1f} s:", [line for line in errors.splitlines() if "FAILED" in line][:2])
+    assert all(node.returncode != 0 for node in nodes)
+    assert "config hash mismatch" in errors and "ranks [0]" in errors and "ranks [1]" in errors
+    assert seconds < 90
+
+
+def test_two_node_ddp_run_matches_one_process(workdir, reference):
+    root, manifest = workdir
+    out = root / "two_nodes"
+    train_args = ["scripts/train.py", "--config", DEBUG, f"data.manifest={manifest}", f"output_dir={out}",
+                  f"train.max_steps={STEPS}", "train.ckpt_every=2", "distributed.backend=ddp"]
+    nodes = two_nodes(train_args, train_args)
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-4000:]
+    assert_close(checkpoint(out, STEPS, "model"), checkpoint(reference, STEPS, "model"), 1e-5, "2 nodes vs 1x2x2")
