@@ -202,6 +202,21 @@ def test_bf16_autocast():
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+@pytest.mark.parametrize("layout", ["full", "factorized"])
+def test_bf16_weights_without_autocast(layout):
+    # A model loaded with dtype=bfloat16 (generate.py's default on CUDA) runs without autocast: every block
+    # must hand the next one bf16 tokens, not fp32 promoted by the fp32 adaLN gates.
+    model = perturb(tiny(attention_layout=layout))
+    kwargs = inputs(model)
+    with torch.no_grad():
+        ref = model(**kwargs).sample
+        model = model.to(torch.bfloat16)
+        bf16 = {k: v.to(torch.bfloat16) if k != "timestep" else v for k, v in kwargs.items()}
+        out = model(**bf16).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [

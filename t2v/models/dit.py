@@ -227,20 +227,23 @@ class VideoDiTBlock(nn.Module):
         rope_sin: torch.Tensor,
         grid: tuple[int, int, int],
     ) -> torch.Tensor:
-        # x: (B, N, D); modulation: (B, num_modulations, D) shared across blocks
+        # x: (B, N, D); modulation: (B, num_modulations, D) shared across blocks. The gates are fp32, so a
+        # gated sum is fp32; it is kept in the parameters' dtype: an fp32 residual stream for fp32 weights
+        # (autocast training), bf16 tokens for a model loaded in bf16.
+        dtype = self.modulation.dtype
         mod = modulation.float() + self.modulation.float()  # (B, num_modulations, D)
         *attn_mods, mlp_mod = rearrange(mod, "b (g three) d -> g three b 1 d", three=3)
 
         # 1. self-attention: one full, or spatial then temporal, each with its own shift/scale/gate
         for attn, (shift, scale, gate) in zip(self.self_attns, attn_mods):
-            x = x + gate * attn(modulate(x, self.norm_attn, shift, scale), rope_cos, rope_sin, grid)
+            x = (x + gate * attn(modulate(x, self.norm_attn, shift, scale), rope_cos, rope_sin, grid)).to(dtype)
 
         # 2. cross-attention to the text tokens
         x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
 
         # 3. feed-forward
         shift, scale, gate = mlp_mod
-        x = x + gate * self.mlp(modulate(x, self.norm_mlp, shift, scale))
+        x = (x + gate * self.mlp(modulate(x, self.norm_mlp, shift, scale))).to(dtype)
         return x
 
 
