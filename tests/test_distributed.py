@@ -126,6 +126,15 @@ def test_ddp_ranks_agree_and_match_one_process(ddp_run, reference):
     assert any(not torch.equal(checkpoint(ddp_run, 2, "model")[k], rank0[k]) for k in rank0)
 
 
+def test_sequence_parallel_size_is_refused_by_the_trainer(tmp_path):
+    from t2v.config import load_config
+    from t2v.train import trainer
+
+    cfg = load_config(DEBUG, [f"output_dir={tmp_path}", "distributed.sequence_parallel_size=2"])
+    with pytest.raises(ValueError, match="sequence_parallel_size=2"):
+        trainer.train(cfg, task=None)
+
+
 def test_launch_without_backend_is_refused(workdir):
     root, manifest = workdir
     done = run(torchrun(2) + ["scripts/train.py", "--config", DEBUG, f"data.manifest={manifest}",
@@ -210,6 +219,15 @@ def test_resume_one_process_on_two(workdir, reference):
     root, manifest = workdir
     out = resume(2, reference, root / "resume_1to2", manifest, "distributed.backend=ddp")
     assert_same_run(out, reference, "1 -> 2")
+
+
+def test_resume_one_process_on_zero3(workdir, reference):
+    root, manifest = workdir
+    out = resume(2, reference, root / "resume_zero3", manifest, "distributed.backend=deepspeed",
+                 "distributed.zero_stage=3", "distributed.deepspeed_config=configs/deepspeed/zero3.json",
+                 "train.ema_decay=0")
+    for group in ("model", "optimizer"):
+        assert_close(checkpoint(out, STEPS, group), checkpoint(reference, STEPS, group), 1e-5, f"1 -> zero3 {group}")
 
 
 def test_resume_zero2_on_one_process_without_deepspeed(workdir, zero2_run, reference):

@@ -144,6 +144,27 @@ def _group_settings(group: dict) -> dict:
     return keep
 
 
+@torch.no_grad()
+def _materialize_moments(engine) -> None:
+    """torch's AdamW makes its state at the first step: take one with zero gradients and lr 0 (no change)
+    on every flat fp32 partition (ZeRO-3 puts each into its group only for its own step)."""
+    inner, zero = inner_optimizer(engine), engine.optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        pairs = [(zero.sub_group_to_group_id[i], flat) for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+    else:
+        pairs = [(i, flat) for i, group in enumerate(inner.param_groups) for flat in group["params"]]
+    for group_index, flat in pairs:
+        group = inner.param_groups[group_index]
+        saved_params, saved_lr = group["params"], group["lr"]
+        group["params"], group["lr"] = [flat], 0.0
+        flat.grad = torch.zeros_like(flat)
+        try:
+            inner.step()
+        finally:
+            flat.grad = None
+            group["params"], group["lr"] = saved_params, saved_lr
+
+
 def _link_moments(engine) -> None:
     """ZeRO-1/2 link each parameter to its AdamW moments after the first step, but only the moments that
     exist by then: after the first param group's step. Link again now that every group has them."""
@@ -196,17 +217,7 @@ def load_full_state(engine, param_groups: list[dict], model: dict[str, torch.Ten
     inner = inner_optimizer(engine)
     state = optimizer.get("state", {})
     if state:
-        # torch's AdamW makes its state at the first step: take one with zero gradients and lr 0 (no change).
-        lrs = [group["lr"] for group in inner.param_groups]
-        for group in inner.param_groups:
-            group["lr"] = 0.0
-            for flat in group["params"]:
-                flat.grad = torch.zeros_like(flat)
-        inner.step()
-        for group, lr in zip(inner.param_groups, lrs):
-            group["lr"] = lr
-            for flat in group["params"]:
-                flat.grad = None
+        _materialize_moments(engine)
         _link_moments(engine)
     for index, param in enumerate(ordered):
         device = param.device

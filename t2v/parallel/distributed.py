@@ -63,8 +63,15 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def check_launch(backend: str, world_size: int) -> None:
-    """Refuse a multi-process launch without a data-parallel backend (ranks would silently diverge)."""
+def check_launch(cfg: DistributedConfig, world_size: int) -> None:
+    """Refuse what the trainer cannot honour: several processes without a data-parallel backend (ranks
+    would silently diverge), and sequence parallelism (`SequenceParallelDiT` is not wired into `train`)."""
+    if cfg.sequence_parallel_size > 1:
+        raise ValueError(
+            f"distributed.sequence_parallel_size={cfg.sequence_parallel_size}: the trainer runs data parallelism "
+            "only; use t2v.parallel.sequence.SequenceParallelDiT directly, or set it to 1"
+        )
+    backend = cfg.backend
     if world_size > 1 and backend == "none":
         raise ValueError(
             f"launched on {world_size} processes but distributed.backend='none'; set distributed.backend=ddp "

@@ -427,7 +427,7 @@ def train(cfg: Config, task: Task) -> TrainState:
     """
     tc = cfg.train
     rank, world_size = dist_info()
-    par.check_launch(cfg.distributed.backend, world_size)
+    par.check_launch(cfg.distributed, world_size)
     device = task.device
     dtype = autocast_dtype(tc.mixed_precision, device)  # chosen once for the whole run
     is_main = rank == 0
