@@ -107,19 +107,20 @@ class T2VPipeline(DiffusionPipeline):
             prompts = [prompt] if isinstance(prompt, str) else prompt
             if not all(isinstance(p, str) for p in prompts):
                 raise ValueError(f"every prompt must be a string, got {prompts!r}")
-        if isinstance(negative_prompt, list):
-            n_prompts = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else None
-            if n_prompts is not None and len(negative_prompt) != n_prompts:
-                raise ValueError(
-                    f"negative_prompt has {len(negative_prompt)} entries but prompt has {n_prompts}; "
-                    "give one negative prompt per prompt or a single string"
-                )
-        if prompt_embeds is not None and negative_prompt_embeds is not None:
-            if prompt_embeds.states.shape[0] != negative_prompt_embeds.states.shape[0]:
-                raise ValueError(
-                    f"prompt_embeds batch {prompt_embeds.states.shape[0]} differs from negative_prompt_embeds "
-                    f"batch {negative_prompt_embeds.states.shape[0]}"
-                )
+        if prompt is not None:
+            n_prompts, source = (1 if isinstance(prompt, str) else len(prompt)), "prompt"
+        else:
+            n_prompts, source = prompt_embeds.states.shape[0], "prompt_embeds batch"
+        if isinstance(negative_prompt, list) and len(negative_prompt) != n_prompts:
+            raise ValueError(
+                f"negative_prompt has {len(negative_prompt)} entries but {source} has {n_prompts}; "
+                "give one negative prompt per prompt or a single string"
+            )
+        if negative_prompt_embeds is not None and negative_prompt_embeds.states.shape[0] != n_prompts:
+            raise ValueError(
+                f"{source} {n_prompts} differs from negative_prompt_embeds "
+                f"batch {negative_prompt_embeds.states.shape[0]}"
+            )
         ft = self.vae_scale_factor_temporal
         if num_frames < 1 or (num_frames - 1) % ft != 0:
             raise ValueError(f"num_frames {num_frames} must be {ft}k+1 (1, {ft + 1}, {2 * ft + 1}, ...)")

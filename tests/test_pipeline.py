@@ -146,6 +146,11 @@ def test_mismatched_embeds_raise(pipe):
     b = pipe.encode_prompt(["z"], "cpu")
     with pytest.raises(ValueError, match="batch"):
         pipe(prompt_embeds=a, negative_prompt_embeds=b)
+    # Prompts as strings against negative embeddings, and embeddings against a list of negative prompts.
+    with pytest.raises(ValueError, match="prompt 2 differs from negative_prompt_embeds batch 1"):
+        pipe(prompt=["x", "y"], negative_prompt_embeds=b)
+    with pytest.raises(ValueError, match="negative_prompt has 1 entries but prompt_embeds batch has 2"):
+        pipe(prompt_embeds=a, negative_prompt=["n"])
 
 
 class _OracleTransformer(torch.nn.Module):
