@@ -44,20 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def time_generate(device: str) -> dict:
-    """Wall time of the default generate.py run as a fresh process (imports and model loading included)."""
+def time_generate(device: str, threads: int | None) -> dict:
+    """Wall time of the default generate.py run as a fresh process (imports and model loading included).
+
+    With `threads`, the process runs with OMP_NUM_THREADS=threads (torch's CPU thread count).
+    """
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     with tempfile.TemporaryDirectory() as out_dir:
         cmd = [sys.executable, os.path.join(REPO, "generate.py"), GENERATE_PROMPT, "--out-dir", out_dir,
                "--device", device]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
     row = {"pair": "generate_cold", "config": "default", "device": device, "ours_s": seconds,
            "reference_s": None, "ratio": None, "ours_peak_mb": None, "reference_peak_mb": None,
-           "note": f"python generate.py {GENERATE_PROMPT!r} --out-dir TMP --device {device}, wall time of a fresh process"}
+           "note": f"python generate.py {GENERATE_PROMPT!r} --out-dir TMP --device {device}, wall time of a fresh process"
+                   + (f", OMP_NUM_THREADS={threads}" if threads else "")}
     if proc.returncode != 0:
         row.update(ours_s=None, error=f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
     return row
+
 
 def write_json(path: str | None, rows: list[dict], machine: str) -> None:
     """Write the results so far (each with torch version and machine) to `path`, if given."""
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDiT training-step model FLOPs: " + bench.describe_flops())
     print("\n" + bench.format_table(results))
     if args.generate:
-        row = time_generate(device.type)
+        row = time_generate(device.type, args.threads)
         if row["ours_s"] is None:
             print(f"\ncold generate.py ({device.type}) failed, not timed: {row['error']}")
         else:
