@@ -131,6 +131,9 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 20
     validation_guidance_scale: float = 5.0
+    # Video-text scorer for the validation videos ("retriever:PATH", "clip:PATH", "xclip:PATH"; "" = none):
+    # logs text-to-video / video-to-text retrieval metrics of the validation prompts.
+    validation_scorer: str = ""
     max_nonfinite_steps: int = 10
 
     def __post_init__(self):

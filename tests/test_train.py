@@ -448,3 +448,23 @@ def test_vae_shapes_stream_with_image_batches(tmp_path):
     task = VAETask(cfg)
     shapes = {tuple(task.next_batch()["video"].shape) for _ in range(8)}
     assert shapes == {(2, 3, 1, 64, 64), (2, 3, 17, 64, 64)}
+
+
+def test_validation_logs_retrieval_metrics_with_a_scorer(tmp_path, manifest):
+    from t2v.eval.retriever import VideoEncoder, VideoTextRetriever
+    from t2v.train.dit import train_dit
+
+    torch.manual_seed(0)
+    scorer_dir = tmp_path / "scorer"
+    VideoTextRetriever(VideoEncoder(sample_size=32, patch_size=8, max_frames=5, hidden_size=32, num_layers=1,
+                                    num_heads=2, embed_dim=16), text_head_hidden=32).save_pretrained(str(scorer_dir))
+    prompts = ["a small red circle moving left on a black background", "a large blue square moving up on a white background"]
+    cfg = debug_config(DEBUG, tmp_path / "run", manifest, "train.max_steps=2", "train.validate_every=2",
+                       f"train.validation_prompts={json.dumps(prompts)}",
+                       f"train.validation_scorer=retriever:{scorer_dir}")
+    train_dit(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validation = [row for row in rows if "val/t2v/R1" in row]
+    assert validation and validation[0]["step"] == 2
+    # Two prompts: R@1 is 0, 50 or 100 percent and the median rank 1 or 2.
+    assert validation[0]["val/t2v/R1"] in (0.0, 50.0, 100.0) and 1 <= validation[0]["val/t2v/MedR"] <= 2

@@ -46,6 +46,7 @@ class DiTTask:
 
         self.cfg = cfg
         self.device = trainer.pick_device()
+        self.scorer = None  # loaded at the first validation that needs it
         rank, world_size = trainer.dist_info()
         seed = cfg.train.seed
         trainer.seed_everything(seed)
@@ -179,9 +180,26 @@ class DiTTask:
         pipe = build_pipeline(self.cfg, model, self.vae, self.text)
         pipe.set_progress_bar_config(disable=True)
         out_dir = os.path.join(self.cfg.output_dir, "samples", f"step-{step}")
-        generate_to_folder(pipe, prompts, out_dir, seeds=list(range(len(prompts))),
-                           settings=GenerationSettings(format="mp4"), progress=False)
-        return {"validation_videos": len(prompts)}
+        rows = generate_to_folder(pipe, prompts, out_dir, seeds=list(range(len(prompts))),
+                                  settings=GenerationSettings(format="mp4"), progress=False)
+        metrics = {"validation_videos": len(prompts)}
+        if self.cfg.train.validation_scorer:
+            metrics.update(self._retrieval_metrics(prompts, [os.path.join(out_dir, r["path"]) for r in rows]))
+        return metrics
+
+    def _retrieval_metrics(self, prompts: list[str], paths: list[str]) -> dict[str, float]:
+        """Score the written validation videos against their prompts (R@K, MedR, MnR both ways)."""
+        import imageio.v3 as iio
+
+        from t2v.eval.retrieval import retrieval_metrics
+        from t2v.eval.scorers import load_scorer
+
+        if self.scorer is None:
+            self.scorer = load_scorer(self.cfg.train.validation_scorer, device=self.device)
+        videos = [iio.imread(path, plugin="pyav") for path in paths]  # uint8 (F, H, W, 3) each
+        with torch.no_grad():
+            sim = self.scorer.similarity(prompts, videos).float().cpu().numpy()
+        return {f"val/{k}": float(v) for k, v in retrieval_metrics(sim).items()}
 
     def export(self, model: nn.Module) -> None:
         export_pipeline(self.cfg, model, self.vae, self.text, os.path.join(self.cfg.output_dir, "pipeline"))
