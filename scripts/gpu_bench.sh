@@ -15,7 +15,7 @@ BUDGET=460  # seconds for the whole script, leaving margin under 8 minutes
 LOG="$OUT/bench_cuda.log"
 
 if compgen -G ".carry/whl/*.whl" > /dev/null; then
-    pip install --quiet --upgrade --no-index --no-deps --target /tmp/site .carry/whl/*.whl 2>&1 | tail -n 3
+    python -m pip install --quiet --upgrade --no-index --no-deps --target /tmp/site .carry/whl/*.whl 2>&1 | tail -n 3
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
