@@ -230,6 +230,20 @@ def test_resume_one_process_on_zero3(workdir, reference):
         assert_close(checkpoint(out, STEPS, group), checkpoint(reference, STEPS, group), 1e-5, f"1 -> zero3 {group}")
 
 
+def test_zero2_bf16_resume_is_exact(workdir):
+    """ZeRO-2 in bf16, interrupted at step 2 and resumed: the fp32 masters and moments go back into the partitions."""
+    root, manifest = workdir
+    zero2_bf16 = ("distributed.backend=deepspeed", "distributed.zero_stage=2", "train.mixed_precision=bf16",
+                  "distributed.deepspeed_config=configs/deepspeed/zero2.json")
+    straight = train(2, root / "bf16_straight", manifest, "scripts/train.py", *zero2_bf16)
+    resumed = resume(2, straight, root / "bf16_resumed", manifest, *zero2_bf16)
+    model = checkpoint(straight, STEPS, "model")
+    assert all(value.dtype == torch.float32 for value in load_file(
+        str(straight / "checkpoints" / f"step-{STEPS}" / "model.safetensors")).values())  # fp32 masters
+    assert_same_run(resumed, straight, "zero2 bf16 resume")
+    assert any(not torch.equal(checkpoint(straight, 2, "model")[k], model[k]) for k in model)
+
+
 def test_resume_zero2_on_one_process_without_deepspeed(workdir, zero2_run, reference):
     root, manifest = workdir
     out = resume(1, zero2_run, root / "resume_zero2", manifest, "train.grad_accum=2")
