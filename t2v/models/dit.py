@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
@@ -252,7 +253,7 @@ class VideoDiTBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-class VideoDiT(ModelMixin, ConfigMixin):
+class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Text-conditioned video DiT predicting the flow-matching velocity of latents (B, C, T, H, W).
 
     `forward` is factored for sequence parallelism: `prepare_tokens` (patchify + RoPE tables, the tensors
