@@ -3,6 +3,7 @@
 import argparse
 
 from t2v.config import load_config
+from t2v.parallel.distributed import init_distributed
 from t2v.train.dit import train_dit
 
 
@@ -11,7 +12,9 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="YAML overriding the defaults of t2v.config.Config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args()
-    train_dit(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    init_distributed()  # joins the launcher's process group (torchrun, deepspeed); no-op for one process
+    train_dit(cfg)
 
 
 if __name__ == "__main__":
