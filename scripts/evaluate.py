@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------------------- inputs
+def _parse_json(text: str, where: str):
+    """``json.loads(text)``, or ``ValueError`` naming ``where`` (file and line) and the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not valid JSON ({err.msg}): {text.strip()[:80]!r}") from None
+
+
 def read_prompts(path: str) -> list[dict]:
     """Rows ``{"prompt", ...}`` from a .txt (one prompt per line) or .jsonl file."""
     from t2v.generation import read_prompt_file
@@ -77,7 +85,7 @@ def read_prompts(path: str) -> list[dict]:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            row = _parse_json(line, f"{path} line {number}")
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
                 raise ValueError(f"{path} line {number}: needs a non-empty string 'prompt', got {line.strip()[:80]!r}")
             rows.append(row)
@@ -91,7 +99,8 @@ def read_folder(folder: str) -> list[dict]:
     jsonl, csv_path = os.path.join(folder, "manifest.jsonl"), os.path.join(folder, "manifest.csv")
     if os.path.isfile(jsonl):
         with open(jsonl, encoding="utf-8") as f:
-            raw = [json.loads(line) for line in f if line.strip()]
+            raw = [_parse_json(line, f"{jsonl} line {number}") for number, line in enumerate(f, start=1)
+                   if line.strip()]
     elif os.path.isfile(csv_path):
         from t2v.data.manifest import load_manifest
 
@@ -102,12 +111,12 @@ def read_folder(folder: str) -> list[dict]:
         raise ValueError(f"video folder {folder!r} has an empty manifest")
     rows = []
     for number, row in enumerate(raw, start=1):
-        text = row["prompt"] if "prompt" in row else row.get("caption")
+        text = row.get("prompt", row.get("caption")) if isinstance(row, dict) else None
         if not isinstance(text, str) or "path" not in row:
             raise ValueError(f"{folder} manifest row {number} needs 'path' and a 'prompt' or 'caption' string")
         record = row.get("record")
         if isinstance(record, str):
-            record = json.loads(record) if record.strip() else None
+            record = _parse_json(record, f"{folder} manifest row {number} 'record'") if record.strip() else None
         rows.append({"prompt": text, "path": os.path.join(folder, row["path"]), "record": record,
                      "category": row.get("category")})
     return rows

@@ -109,3 +109,13 @@ def test_bad_arguments(args, message, tmp_path, capsys):
         evaluate.main([a if a != "x" else str(tmp_path / "x") for a in args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red circle"}\n\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match=r"prompts\.jsonl line 3 is not valid JSON.*oops"):
+        evaluate.read_prompts(str(prompts))
+    (tmp_path / "manifest.jsonl").write_text('{"prompt": "a", "path": "a.mp4"}\n{"prompt": "b", "path": \n')
+    with pytest.raises(ValueError, match=r"manifest\.jsonl line 2 is not valid JSON"):
+        evaluate.read_folder(str(tmp_path))
