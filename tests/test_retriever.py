@@ -72,6 +72,11 @@ def test_embeddings_are_normalised_with_the_right_shapes(retriever):
     torch.testing.assert_close(sim, text_emb[:2] @ video_emb.T)
     # a batch gives the same embedding as the clip alone
     torch.testing.assert_close(retriever.encode_videos(videos[:1]), video_emb[:1], atol=1e-5, rtol=1e-5)
+    # the scorer interface's Frechet features: unnormalised, normalising them gives the embeddings
+    features = retriever.video_features(videos)
+    assert features.shape == (3, 32) and features.dtype == torch.float32
+    assert not torch.allclose(features.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(torch.nn.functional.normalize(features, dim=-1), video_emb)
 
 
 def test_temporal_attention_is_real_and_skipped_for_one_frame():

@@ -5,7 +5,7 @@ temporal attention across frames at each patch position, then spatial attention 
 (the CLS token joins every frame), then an MLP. `VideoTextRetriever` pairs it with a pretrained
 sentence encoder (MiniLM by default), a trainable text head and a learned temperature, trained with a
 symmetric InfoNCE loss. Images are 1-frame videos. As a scorer it exposes `encode_videos`,
-`encode_texts` and `similarity` over L2-normalised embeddings.
+`encode_texts` and `similarity` over L2-normalised embeddings, and `video_features` (unnormalised).
 """
 
 from __future__ import annotations
@@ -358,6 +358,11 @@ class VideoTextRetriever(nn.Module):
     @torch.no_grad()
     def encode_videos(self, videos: Sequence[np.ndarray], batch_size: int = 64) -> torch.Tensor:
         """uint8 `(T, H, W, 3)` clips (any size and frame count) -> L2-normalised `(N, D)` on CPU."""
+        return F.normalize(self.video_features(videos, batch_size), dim=-1)
+
+    @torch.no_grad()
+    def video_features(self, videos: Sequence[np.ndarray], batch_size: int = 64) -> torch.Tensor:
+        """Unnormalised video-encoder outputs `(N, D)` float32 on CPU (Frechet distance features)."""
         clips = [torch.as_tensor(np.asarray(v)) for v in videos]
         for i, clip in enumerate(clips):
             if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != torch.uint8:
@@ -371,7 +376,7 @@ class VideoTextRetriever(nn.Module):
                 chunk = indices[start : start + batch_size]
                 pixels = self.preprocess(torch.stack([clips[i] for i in chunk]))
                 pixels = pixels.to(next(self.video_encoder.parameters()).dtype)
-                out[chunk] = self.embed_pixels(pixels).cpu()
+                out[chunk] = self.video_encoder(pixels).float().cpu()
         return out
 
     @torch.no_grad()
