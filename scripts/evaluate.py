@@ -173,15 +173,20 @@ def score_set(scorer, rows: list[dict], args, num_gifs: int = 0, chunk: int = 32
     from t2v.eval.temporal import dynamic_degree, motion_smoothness, temporal_flicker
 
     prompts = [row["prompt"] for row in rows]
+    # A joint-space scorer encodes the prompts once and each video once (its features, normalised, are its
+    # embedding); X-CLIP conditions every text on the video, so it scores each chunk with all prompts.
+    joint = not getattr(scorer, "conditions_texts_on_videos", False)
+    text_emb = scorer.encode_texts(prompts).float() if joint else None  # (M, D)
     sims, feats, flicker, smooth, moving, shapes, gifs = [], [], [], [], [], [], []
     for start in range(0, len(rows), chunk):
         batch = rows[start : start + chunk]
         videos = [read_video(row["path"]) for row in batch]
-        sims.append(scorer.similarity(prompts, videos))  # (M, n)
-        if hasattr(scorer, "video_features"):
-            feats.append(scorer.video_features(videos))
+        features = scorer.video_features(videos).float()  # (n, D)
+        if joint:
+            sims.append(text_emb @ torch.nn.functional.normalize(features, dim=-1).T)  # (M, n)
         else:
-            feats.append(scorer.encode_videos(videos))
+            sims.append(scorer.similarity(prompts, videos))  # (M, n)
+        feats.append(features)
         flicker.append(temporal_flicker(videos, per_video=True))
         if min(len(v) for v in videos) >= 3:
             smooth.append(motion_smoothness(videos, per_video=True))

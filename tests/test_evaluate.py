@@ -119,3 +119,30 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     (tmp_path / "manifest.jsonl").write_text('{"prompt": "a", "path": "a.mp4"}\n{"prompt": "b", "path": \n')
     with pytest.raises(ValueError, match=r"manifest\.jsonl line 2 is not valid JSON"):
         evaluate.read_folder(str(tmp_path))
+
+
+def test_score_set_encodes_prompts_once_and_each_video_once(clip_dir, shapes_folder, monkeypatch):
+    import argparse
+
+    scorer = CLIPScorer(clip_dir, device="cpu")
+    rows = evaluate.read_folder(str(shapes_folder))
+    videos = [evaluate.read_video(row["path"]) for row in rows]
+    prompts = [row["prompt"] for row in rows]
+    expected = scorer.similarity(prompts, videos).numpy()  # (4, 4)
+    calls = {"texts": 0, "videos": 0}
+    encode_texts, encode_videos = scorer.encode_texts, scorer.encode_videos
+
+    def count_texts(texts):
+        calls["texts"] += len(texts)
+        return encode_texts(texts)
+
+    def count_videos(clips):
+        calls["videos"] += len(clips)
+        return encode_videos(clips)
+
+    monkeypatch.setattr(scorer, "encode_texts", count_texts)
+    monkeypatch.setattr(scorer, "encode_videos", count_videos)
+    result = evaluate.score_set(scorer, rows, argparse.Namespace(dynamic_threshold=10.0), chunk=2)
+    assert calls == {"texts": 4, "videos": 4}
+    np.testing.assert_allclose(result["sim"], expected, atol=1e-5)
+    np.testing.assert_allclose(result["features"], encode_videos(videos).numpy(), atol=1e-5)

@@ -59,7 +59,13 @@ def _default_device() -> str:
 
 
 class VideoTextScorer(abc.ABC):
-    """Embeds videos and texts into one space; ``similarity`` is their (texts, videos) cosine matrix."""
+    """Embeds videos and texts into one space; ``similarity`` is their (texts, videos) cosine matrix.
+
+    When ``conditions_texts_on_videos`` is False, ``similarity`` is ``encode_texts @ encode_videos.T``,
+    so a caller may encode a prompt set once and score videos chunk by chunk.
+    """
+
+    conditions_texts_on_videos = False
 
     @abc.abstractmethod
     def encode_videos(self, videos: Sequence[np.ndarray]) -> torch.Tensor:
@@ -74,7 +80,7 @@ class VideoTextScorer(abc.ABC):
         return self.encode_texts(texts) @ self.encode_videos(videos).T
 
     def video_features(self, videos: Sequence[np.ndarray]) -> torch.Tensor:
-        """(N, D) video features for Frechet distance; by default the normalised embeddings."""
+        """(N, D) video features for Frechet distance; L2-normalised they are ``encode_videos`` (the default)."""
         return self.encode_videos(videos)
 
 
@@ -187,6 +193,8 @@ class XCLIPScorer(_HFScorer):
         num_frames: frames per video; must equal the checkpoint's ``vision_config.num_frames`` (default).
         device, dtype, batch_size: as ``CLIPScorer``.
     """
+
+    conditions_texts_on_videos = True
 
     def __init__(
         self, model_name_or_path: str | os.PathLike, num_frames: int | None = None, device=None,
