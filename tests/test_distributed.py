@@ -26,12 +26,13 @@ RANK_DUMP = """
 import contextlib, sys
 from safetensors.torch import save_file
 from t2v.config import load_config
+from t2v.parallel.distributed import init_distributed
 from t2v.train import trainer
 from t2v.train.dit import DiTTask
 cfg = load_config(sys.argv[1], sys.argv[2:])
+rank, _ = init_distributed(cfg.distributed.sequence_parallel_size)  # before the task shards its data
 task = DiTTask(cfg)
 trainer.train(cfg, task)
-rank, _ = trainer.dist_info()
 params = list(task.model.parameters())
 context = contextlib.nullcontext()
 if any(hasattr(p, "ds_id") for p in params):
@@ -126,13 +127,19 @@ def test_ddp_ranks_agree_and_match_one_process(ddp_run, reference):
     assert any(not torch.equal(checkpoint(ddp_run, 2, "model")[k], rank0[k]) for k in rank0)
 
 
-def test_sequence_parallel_size_is_refused_by_the_trainer(tmp_path):
+def test_sequence_parallel_launch_checks(tmp_path):
     from t2v.config import load_config
+    from t2v.parallel.distributed import check_launch
     from t2v.train import trainer
 
-    cfg = load_config(DEBUG, [f"output_dir={tmp_path}", "distributed.sequence_parallel_size=2"])
-    with pytest.raises(ValueError, match="sequence_parallel_size=2"):
-        trainer.train(cfg, task=None)
+    cfg = load_config(DEBUG, [f"output_dir={tmp_path}", "distributed.backend=ddp", "distributed.sequence_parallel_size=2"])
+    with pytest.raises(ValueError, match="world size 1 is not divisible by distributed.sequence_parallel_size=2"):
+        trainer.train(cfg, task=None)  # one process
+    with pytest.raises(ValueError, match="world size 3 is not divisible by distributed.sequence_parallel_size=2"):
+        check_launch(load_config(DEBUG, ["distributed.backend=ddp", "distributed.sequence_parallel_size=2"]).distributed, 3)
+    with pytest.raises(ValueError, match="backend=ddp only, got 'deepspeed'"):
+        check_launch(load_config(DEBUG, ["distributed.backend=deepspeed",
+                                         "distributed.sequence_parallel_size=2"]).distributed, 2)
 
 
 def test_launch_without_backend_is_refused(workdir):
@@ -280,7 +287,7 @@ reference = model(x, t, text, mask, pooled).sample
 reference.square().mean().backward()
 grads = {name: p.grad.clone() for name, p in model.named_parameters()}
 model.zero_grad()
-out = SequenceParallelDiT(model)(x, t, text, mask, pooled)
+out = SequenceParallelDiT(model)(x, t, text, mask, pooled).sample
 out.square().mean().backward()
 results["forward"] = (out - reference).abs().max().item()
 worst = 0.0
@@ -288,6 +295,16 @@ for name, p in model.named_parameters():
     dist.all_reduce(p.grad)  # each rank holds its tokens' share
     worst = max(worst, (p.grad - grads[name]).abs().max().item())
 results["grad"] = worst
+# 3. refusals: a token count not divisible by P, a factorized layout
+try:
+    SequenceParallelDiT(model)(torch.randn(1, 4, 1, 6, 6), t[:1], text[:1], mask[:1], pooled[:1])  # 9 tokens
+except ValueError as error:
+    results["odd_tokens_error"] = str(error)
+try:
+    SequenceParallelDiT(VideoDiT(in_channels=4, patch_size=(1, 2, 2), hidden_size=32, num_layers=1, num_heads=2,
+                                 text_dim=16, attention_layout="factorized"))
+except ValueError as error:
+    results["factorized_error"] = str(error)
 with open(f"{sys.argv[1]}/sequence_rank{rank}.txt", "w") as f:
     f.write(json.dumps(results))
 """
@@ -301,8 +318,48 @@ def test_ulysses_attention_and_sequence_parallel_dit(workdir):
     for rank in range(2):
         results = json.loads((root / f"sequence_rank{rank}.txt").read_text())
         print(f"rank {rank}: max |diff| vs one process {results}")
+        assert results.pop("odd_tokens_error").startswith("9 tokens (latents (1, 4, 1, 6, 6)) are not divisible by "
+                                                          "the sequence-parallel size 2")
+        assert "attention_layout='full', got 'factorized'" in results.pop("factorized_error")
         assert results.keys() == {"attention", "forward", "grad"}
         assert all(value < 1e-5 for value in results.values()), results
+
+
+def relative_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in a)
+
+
+def step_seconds(out: Path) -> list[float]:
+    """Wall time per step from the metrics log (samples / samples_per_s, one step per log line)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [round(2 / row["samples_per_s"], 4) for row in rows if row.get("samples_per_s")]
+
+
+def test_sequence_parallel_training_matches_one_process(workdir):
+    """2 ranks, P = 2 (one data-parallel group): both read the single process's batch, each runs half the
+    tokens; after STEPS updates the weights equal the single process's."""
+    root, manifest = workdir
+    single = train(1, root / "sp_single", manifest, str(root / "rank_dump.py"))
+    sp = train(2, root / "sp2", manifest, str(root / "rank_dump.py"), "distributed.backend=ddp",
+               "distributed.sequence_parallel_size=2")
+    rank0, rank1 = weights(sp / "rank0.safetensors"), weights(sp / "rank1.safetensors")
+    assert_close(rank0, rank1, 0.0, "sequence-parallel rank 0 vs rank 1")
+    reference = weights(single / "rank0.safetensors")
+    worst = relative_diff(rank0, reference)
+    print(f"P=2 vs one process: max relative diff {worst:.3g}")
+    assert worst <= 1e-5
+    for group in ("model", "optimizer", "ema"):
+        assert relative_diff(checkpoint(sp, STEPS, group), checkpoint(single, STEPS, group)) <= 1e-5, group
+    # The run trained, with the single process's losses and (unclipped) gradient norms: Adam and clipping
+    # hide a gradient scale error in the weights, the norm does not.
+    assert any(not torch.equal(checkpoint(sp, 2, "model")[k], rank0[k]) for k in rank0)
+    for key in ("loss", "grad_norm"):
+        values = [[row[key] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in row]
+                  for out in (sp, single)]
+        print(f"{key}: P=2 {values[0]} one process {values[1]}")
+        assert len(values[0]) == STEPS and values[0] == pytest.approx(values[1], rel=1e-5), key
+    print("step seconds, P=2:", step_seconds(sp), "one process:", step_seconds(single))
 
 
 # ----------------------------------------------------------------------------------------------------

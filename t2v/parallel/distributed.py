@@ -6,11 +6,16 @@ gloo on CPU, nccl on CUDA, with a timeout of T2V_DIST_TIMEOUT_MINUTES (default 3
 
 The model itself stays single-device; `parallelize(model, cfg)` applies distribution afterwards.
 
+Sequence parallelism of size P (`init_distributed(P)`, once, before any data is built): ranks form groups
+of P consecutive ranks that read the same batch and split its tokens (t2v.parallel.sequence); data is
+sharded over the world // P data-parallel groups, `data_parallel_info()` = (rank // P, world // P).
+
 Randomness that must not depend on the topology:
 - data order: the sampler counts *global* batches (t2v.data.buckets);
 - noise, sigmas, latent samples: `noise_seed(seed, index)` reseeds the training generator for every
-  global micro-batch, index = (step * grad_accum + micro) * world_size + rank; so 2 ranks x 1
-  micro-batch and 1 rank x 2 micro-batches see the same samples with the same noise;
+  global micro-batch, index = (step * grad_accum + micro) * dp_world + dp_rank; so 2 ranks x 1
+  micro-batch and 1 rank x 2 micro-batches see the same samples with the same noise, and the ranks of a
+  sequence-parallel group draw the same noise;
 - the global python / numpy / torch RNGs (unused by the loss): each rank's state is stored; a resume on
   the same world size restores each rank's own, on another world size every rank reseeds them from
   (seed, step, rank) (`restore_rng`).
@@ -31,6 +36,9 @@ from t2v.train import checkpoint as ckpt
 
 DEFAULT_TIMEOUT_MINUTES = 30.0
 
+# Set once per process by the first `init_distributed` under a launcher: P and this rank's group of P.
+_sequence_parallel: dict = {}
+
 
 def launched_by_torchrun() -> bool:
     """True when the launcher's environment (WORLD_SIZE, RANK) is present."""
@@ -48,46 +56,145 @@ def timeout_minutes() -> float:
     return minutes
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(sequence_parallel_size: int | None = None) -> tuple[int, int]:
     """Join the launcher's process group once (no-op without a launcher); returns (rank, world_size).
 
-    Sets the CUDA device to LOCAL_RANK before the group is made, so nccl binds one GPU per process.
+    Sets the CUDA device to LOCAL_RANK before the group is made, so nccl binds one GPU per process. The
+    first call naming a sequence-parallel size fixes it and makes its groups; a later call naming another
+    size is an error, since data may already be sharded by the first layout (None names no size).
     """
     if not dist.is_available() or not launched_by_torchrun():
+        if (sequence_parallel_size or 1) > 1:
+            raise ValueError(f"distributed.sequence_parallel_size={sequence_parallel_size} needs a launch on a "
+                             "multiple of that many processes (torchrun); this is one process")
         return 0, 1
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes()))
-    return dist.get_rank(), dist.get_world_size()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if sequence_parallel_size is None:
+        return rank, world_size
+    if not _sequence_parallel:
+        _make_sequence_groups(sequence_parallel_size, rank, world_size)
+        _sequence_parallel["size"] = sequence_parallel_size
+    elif sequence_parallel_size != _sequence_parallel["size"]:
+        raise ValueError(
+            f"distributed.sequence_parallel_size={sequence_parallel_size}, but this process already joined with "
+            f"size {_sequence_parallel['size']}; call init_distributed(cfg.distributed.sequence_parallel_size) "
+            "before building the task (its data is sharded over data-parallel groups)"
+        )
+    return rank, world_size
+
+
+def _make_sequence_groups(size: int, rank: int, world_size: int) -> None:
+    """Groups of `size` consecutive ranks; every rank creates every group (new_group is collective)."""
+    if world_size % size:
+        raise ValueError(f"world size {world_size} is not divisible by distributed.sequence_parallel_size={size}")
+    _sequence_parallel["group"] = None
+    if size == 1:
+        return
+    for first in range(0, world_size, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            _sequence_parallel["group"] = group
+
+
+def sequence_parallel_size() -> int:
+    """P of this process (1 before `init_distributed` or without a launcher)."""
+    return _sequence_parallel.get("size", 1)
+
+
+def sequence_group():
+    """This rank's sequence-parallel process group (None when P = 1)."""
+    return _sequence_parallel.get("group")
+
+
+def data_parallel_info() -> tuple[int, int]:
+    """(dp_rank, dp_world) = (rank // P, world_size // P): which data shard this process reads."""
+    rank, world_size = init_distributed(sequence_parallel_size())  # fixes P = 1 if nothing set it yet
+    size = sequence_parallel_size()
+    return rank // size, world_size // size
 
 
 def check_launch(cfg: DistributedConfig, world_size: int) -> None:
     """Refuse what the trainer cannot honour: several processes without a data-parallel backend (ranks
-    would silently diverge), and sequence parallelism (`SequenceParallelDiT` is not wired into `train`)."""
-    if cfg.sequence_parallel_size > 1:
-        raise ValueError(
-            f"distributed.sequence_parallel_size={cfg.sequence_parallel_size}: the trainer runs data parallelism "
-            "only; use t2v.parallel.sequence.SequenceParallelDiT directly, or set it to 1"
-        )
+    would silently diverge), and sequence parallelism outside DDP."""
     backend = cfg.backend
     if world_size > 1 and backend == "none":
         raise ValueError(
             f"launched on {world_size} processes but distributed.backend='none'; set distributed.backend=ddp "
             "or distributed.backend=deepspeed"
         )
+    size = cfg.sequence_parallel_size
+    if size > 1 and backend != "ddp":
+        raise ValueError(f"distributed.sequence_parallel_size={size} runs with distributed.backend=ddp only, "
+                         f"got {backend!r}")
+    if world_size % size:
+        raise ValueError(f"world size {world_size} is not divisible by distributed.sequence_parallel_size={size}")
+
+
+def check_same_batch(batch, group) -> None:
+    """Raise unless every rank of `group` holds the same batch (a fingerprint: shapes, sums, strings)."""
+
+    def fingerprint(value):
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape), str(value.dtype), round(value.double().sum().item(), 6))
+        if isinstance(value, dict):
+            return {key: fingerprint(item) for key, item in sorted(value.items())}
+        if isinstance(value, (list, tuple)):
+            return [fingerprint(item) for item in value]
+        return repr(value)
+
+    mine = fingerprint(batch)
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    if any(other != mine for other in everyone):
+        ranks = dist.get_process_group_ranks(group)
+        raise ValueError(
+            f"the sequence-parallel group of ranks {ranks} read different batches; a task must shard its data "
+            "by trainer.dist_info() (the data-parallel rank), built after init_distributed(sequence_parallel_size)"
+        )
 
 
 def parallelize(model: nn.Module, cfg: DistributedConfig) -> nn.Module:
-    """The module the training loop calls: `DistributedDataParallel(model)` for backend "ddp" on more than
-    one process, else `model` itself. Parameters stay shared, so the unwrapped model is what is saved."""
+    """The module the training loop calls. Sequence parallelism (P > 1) wraps the model in
+    `SequenceParallelDiT` over this rank's group; backend "ddp" on more than one process then wraps that in
+    `DistributedDataParallel` over all ranks, else the module is returned as is. Parameters stay shared, so
+    the unwrapped model is what is saved.
+
+    With P > 1, DDP averages over all W ranks gradients that must be summed within a group and averaged
+    over the W / P groups: scale the loss by `gradient_scale(cfg)` = P before backward.
+    """
+    if cfg.sequence_parallel_size > 1:
+        from t2v.parallel.sequence import SequenceParallelDiT
+
+        if sequence_parallel_size() != cfg.sequence_parallel_size:
+            raise ValueError(f"distributed.sequence_parallel_size={cfg.sequence_parallel_size} but the process "
+                             f"group was set up for {sequence_parallel_size()}; call "
+                             "init_distributed(cfg.distributed.sequence_parallel_size) first")
+        model = SequenceParallelDiT(model, sequence_group())
     if cfg.backend != "ddp" or not dist.is_initialized() or dist.get_world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def sequence_parallel_module(module: nn.Module):
+    """The `SequenceParallelDiT` that `parallelize` returned, inside DDP or not; None when there is none."""
+    from t2v.parallel.sequence import SequenceParallelDiT
+
+    inner = getattr(module, "module", module) if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    return inner if isinstance(inner, SequenceParallelDiT) else None
+
+
+def gradient_scale(cfg: DistributedConfig) -> int:
+    """Factor on the loss before backward: P, so DDP's mean over W ranks is the mean over W / P groups
+    of each group's summed token-shard gradients."""
+    return cfg.sequence_parallel_size
 
 
 def sync_gradients(model: nn.Module, sync: bool):

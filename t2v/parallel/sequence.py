@@ -6,7 +6,11 @@ second all-to-all trades back (DeepSpeed-Ulysses). The model enters through its 
 `set_self_attention_hook` for the kernel, `prepare_tokens` for the token sequence and RoPE tables.
 
     model = SequenceParallelDiT(dit, group)        # shards tokens, installs the hook, gathers the output
-    velocity = model(latents, timestep, text_states, text_mask, pooled)
+    velocity = model(latents, timestep, text_states, text_mask, pooled).sample
+    with model.detached():                         # the plain model, e.g. for validation on one rank
+        ...
+
+In training, `t2v.parallel.distributed.parallelize` applies it for `distributed.sequence_parallel_size` > 1.
 
 Limits: attention_layout "full" only (a factorized layout folds frames with the global grid); no
 attention mask in self-attention; N and the head count must be divisible by P. Parameter gradients on
@@ -15,8 +19,11 @@ a rank hold its tokens' share: sum them over the group (all-reduce SUM) before t
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from einops import rearrange
 from torch import nn
 
@@ -105,10 +112,24 @@ class SequenceParallelDiT(nn.Module):
             raise ValueError(f"num_heads={model.config.num_heads} is not divisible by the sequence-parallel "
                              f"size {size}")
         self.model, self.group, self.size, self.rank = model, group, size, dist.get_rank(group)
-        model.set_self_attention_hook(ulysses_attention(group, model.config.attention_backend))
+        self.hook = ulysses_attention(group, model.config.attention_backend)
+        model.set_self_attention_hook(self.hook)
+
+    @contextlib.contextmanager
+    def detached(self):
+        """The plain single-device model inside the block (hook removed), e.g. for validation on one rank."""
+        self.model.set_self_attention_hook(None)
+        try:
+            yield self.model
+        finally:
+            self.model.set_self_attention_hook(self.hook)
+
+    def close(self) -> None:
+        """Remove the hook for good: the model is single-device again."""
+        self.model.set_self_attention_hook(None)
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None,
-                pooled_projections=None):
+                pooled_projections=None, return_dict: bool = True):
         model = self.model
         timestep, context_mask = model._check_inputs(
             hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections
@@ -117,7 +138,8 @@ class SequenceParallelDiT(nn.Module):
         tokens, rope_cos, rope_sin, grid = model.prepare_tokens(hidden_states)  # (B, N, D), (N, head_dim/2)
         n = tokens.shape[1]
         if n % self.size:
-            raise ValueError(f"{n} tokens are not divisible by the sequence-parallel size {self.size}")
+            raise ValueError(f"{n} tokens (latents {tuple(hidden_states.shape)}) are not divisible by the "
+                             f"sequence-parallel size {self.size}")
         part = slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
         tokens, rope_cos, rope_sin = tokens[:, part], rope_cos[part], rope_sin[part]  # (B, N/P, D)
         # 2. conditioning, replicated
@@ -126,4 +148,7 @@ class SequenceParallelDiT(nn.Module):
         tokens = model.forward_blocks(tokens, context, context_mask, modulation, rope_cos, rope_sin, grid)
         # 4. final layer on the shard, gather, unpatchify
         out = _GatherSeq.apply(model.final_layer(tokens, cond), self.group)  # (B, N, patch_volume * C)
-        return model.unpatchify(out, grid).to(hidden_states.dtype)  # (B, C_out, T, H, W)
+        out = model.unpatchify(out, grid).to(hidden_states.dtype)  # (B, C_out, T, H, W)
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)

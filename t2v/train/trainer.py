@@ -39,8 +39,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 
 def dist_info() -> tuple[int, int]:
-    """(rank, world_size): joins the launcher's process group on first use under torchrun, else (0, 1)."""
-    return par.init_distributed()
+    """(data-parallel rank, data-parallel world size): the data shard a task reads; (rank, world_size)
+    without sequence parallelism. Joins the launcher's process group on first use, else (0, 1)."""
+    return par.data_parallel_info()
 
 
 def pick_device() -> torch.device:
@@ -423,11 +424,14 @@ def train(cfg: Config, task: Task) -> TrainState:
     """Train `task.model` to `cfg.train.max_steps`, resuming from `cfg.resume`; returns the final state.
 
     distributed.backend "ddp" wraps the model in DDP, "deepspeed" hands model, AdamW and schedule to a ZeRO
-    engine (t2v.parallel); checkpoints hold whole, unwrapped tensors either way.
+    engine (t2v.parallel); checkpoints hold whole, unwrapped tensors either way. With
+    distributed.sequence_parallel_size P > 1 (ddp), groups of P ranks share a batch and split its tokens.
     """
     tc = cfg.train
-    rank, world_size = dist_info()
+    rank, world_size = par.init_distributed()
     par.check_launch(cfg.distributed, world_size)
+    par.init_distributed(cfg.distributed.sequence_parallel_size)  # refuses a layout other than the task's
+    dp_rank, dp_world = dist_info()  # data shard; the ranks of a sequence-parallel group share one
     device = task.device
     dtype = autocast_dtype(tc.mixed_precision, device)  # chosen once for the whole run
     is_main = rank == 0
@@ -453,7 +457,10 @@ def train(cfg: Config, task: Task) -> TrainState:
     else:
         optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
         lr_scheduler = build_lr_scheduler(optimizer, tc)
-        forward_model = par.parallelize(model, cfg.distributed)  # DDP on more than one process
+        forward_model = par.parallelize(model, cfg.distributed)  # sequence parallel, then DDP on several ranks
+    sequence = par.sequence_parallel_module(forward_model)  # the SequenceParallelDiT inside, or None
+    # DDP averages over all ranks; a sequence-parallel group's token-shard gradients must add up: x P.
+    loss_scale = par.gradient_scale(cfg.distributed)
     ema = EMA(params, tc.ema_decay) if tc.ema_decay > 0 else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     # Noise, sigmas, latent samples; reseeded per global micro-batch (par.noise_seed), so topology-free.
@@ -504,6 +511,9 @@ def train(cfg: Config, task: Task) -> TrainState:
     def whole_params():  # ZeRO-3 gathers the partitioned parameters (every rank enters)
         return deepspeed_engine.gathered(engine) if engine is not None else contextlib.nullcontext()
 
+    def single_device():  # the model without the sequence-parallel hook, for rank 0 alone
+        return sequence.detached() if sequence is not None else contextlib.nullcontext()
+
     def ema_weights():
         return ema.swapped_in() if ema is not None else contextlib.nullcontext()
 
@@ -513,14 +523,17 @@ def train(cfg: Config, task: Task) -> TrainState:
     window = {"loss": 0.0, "updates": 0, "samples": 0, "tokens": 0, "start": time.perf_counter()}
     model.train()
     deadline = time.monotonic() + 60 * tc.max_minutes if tc.max_minutes > 0 else None
+    start_step = state.step
     while state.step < tc.max_steps and not _out_of_time(deadline, device, world_size):
         # 3a. forward and backward over grad_accum micro-batches
         step_loss, extra = torch.zeros((), device=device), {}
         samples = tokens = 0
         for micro in range(tc.grad_accum):
             batch = task.next_batch()
+            if sequence is not None and micro == 0 and state.step == start_step:
+                par.check_same_batch(batch, sequence.group)
             generator.manual_seed(par.noise_seed(tc.seed, par.micro_batch_index(
-                state.step, micro, tc.grad_accum, rank, world_size)))
+                state.step, micro, tc.grad_accum, dp_rank, dp_world)))
             last = micro == tc.grad_accum - 1
             with par.sync_gradients(forward_model, last):
                 with autocast(device, dtype):
@@ -530,7 +543,7 @@ def train(cfg: Config, task: Task) -> TrainState:
                     if not last:
                         engine.step()  # counts the micro-batch; updates only at the accumulation boundary
                 else:
-                    scaler.scale(out.loss / tc.grad_accum).backward()
+                    scaler.scale(out.loss * loss_scale / tc.grad_accum).backward()
             step_loss += out.loss.detach() / tc.grad_accum
             samples, tokens, extra = samples + out.samples, tokens + out.tokens, out.metrics
         if world_size > 1:
@@ -578,8 +591,8 @@ def train(cfg: Config, task: Task) -> TrainState:
         # 3c. logging
         window["loss"] += loss_value
         window["updates"] += 1
-        window["samples"] += samples * world_size
-        window["tokens"] += tokens * world_size
+        window["samples"] += samples * dp_world
+        window["tokens"] += tokens * dp_world
         if state.step % tc.log_every == 0 or state.step == tc.max_steps:
             elapsed = max(time.perf_counter() - window["start"], 1e-9)
             metrics = {
@@ -599,7 +612,7 @@ def train(cfg: Config, task: Task) -> TrainState:
         if tc.ckpt_every and state.step % tc.ckpt_every == 0 and state.step < tc.max_steps:
             save()
         if tc.validate_every and state.step % tc.validate_every == 0:
-            with whole_params():
+            with whole_params(), single_device():
                 if is_main:
                     model.eval()
                     with ema_weights(), torch.no_grad(), autocast(device, dtype):
@@ -610,6 +623,8 @@ def train(cfg: Config, task: Task) -> TrainState:
     # 4. final checkpoint; final validation and export with the averaged weights
     progress.close()
     save()
+    if sequence is not None:
+        sequence.close()
     with whole_params():
         if is_main:
             model.eval()
