@@ -214,14 +214,17 @@ def _shapes_accuracy(results: list[dict | None]) -> dict:
 
 def summarize(result: dict, rows: list[dict], args) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics dict of a scored set, plus its text-to-video and video-to-text ranks."""
-    from t2v.eval.retrieval import retrieval_metrics, retrieval_ranks, summarize_ranks
+    from t2v.eval.retrieval import retrieval_metrics, retrieval_ranks, same_prompt_matches, summarize_ranks
     from t2v.eval.similarity import r_precision
 
     sim = result["sim"]
     n = sim.shape[0]
-    t2v_ranks, v2t_ranks = retrieval_ranks(sim)
+    # a repeated prompt (common among a dataset's canonical captions) matches the videos of all its copies
+    match = same_prompt_matches([row["prompt"] for row in rows])  # (n, n)
+    t2v_ranks, v2t_ranks = retrieval_ranks(sim, match)
     matched = np.diag(sim)
-    metrics = {"num_videos": n, **retrieval_metrics(sim, dual_softmax=True), "matched_cosine": float(matched.mean())}
+    metrics = {"num_videos": n, **retrieval_metrics(sim, match, dual_softmax=True),
+               "matched_cosine": float(matched.mean())}
     if n >= 2:
         k = min(args.r_precision_distractors, n - 1)
         metrics[f"r_precision@{k + 1}"] = r_precision(sim, num_distractors=k, seed=0)

@@ -245,3 +245,24 @@ def test_temporal_invalid_input():
         motion_magnitude([_video([0, 1])], top_fraction=0)
     with pytest.raises(ValueError, match=r"\(T, H, W, 3\)"):
         temporal_flicker([np.zeros((3, 4, 4), dtype=np.uint8)])
+
+
+def test_repeated_prompts_match_each_others_videos():
+    from t2v.eval.retrieval import same_prompt_matches
+
+    # prompts 0 and 1 are the same string (so their rows are equal); prompt 2 differs.
+    prompts = ["a red circle", "a red circle", "a blue square"]
+    sim = np.array([[0.9, 0.8, 0.1], [0.9, 0.8, 0.1], [0.2, 0.3, 0.7]])
+    match = same_prompt_matches(prompts)
+    np.testing.assert_array_equal(match, [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+    t2v_ranks, v2t_ranks = retrieval_ranks(sim, match)
+    # text 1's best target is video 0 (0.9): rank 1, not 2 behind its twin's video
+    np.testing.assert_array_equal(t2v_ranks, [1, 1, 1])
+    # video 0's twin caption ties with its own caption; without the matrix a pessimistic tie gives rank 2
+    np.testing.assert_array_equal(v2t_ranks, [1, 1, 1])
+    assert retrieval_metrics(sim)["v2t/R1"] == pytest.approx(100 / 3)
+    assert retrieval_metrics(sim, match, dual_softmax=True)["dsl/v2t/R1"] == 100.0
+    with pytest.raises(ValueError, match="text 0 has none"):
+        retrieval_ranks(sim, np.zeros((3, 3), dtype=bool))
+    with pytest.raises(ValueError, match=r"bool of shape \(3, 3\)"):
+        retrieval_ranks(sim, np.ones((3, 2), dtype=bool))

@@ -146,3 +146,17 @@ def test_score_set_encodes_prompts_once_and_each_video_once(clip_dir, shapes_fol
     assert calls == {"texts": 4, "videos": 4}
     np.testing.assert_allclose(result["sim"], expected, atol=1e-5)
     np.testing.assert_allclose(result["features"], encode_videos(videos).numpy(), atol=1e-5)
+
+
+def test_repeated_prompts_count_each_others_videos_as_matches():
+    import argparse
+
+    rows = [{"prompt": p, "category": None} for p in ("a red circle", "a red circle", "a blue square")]
+    sim = np.array([[0.9, 0.8, 0.1], [0.9, 0.8, 0.1], [0.2, 0.3, 0.7]])  # equal prompts: equal rows
+    result = {"sim": sim, "flicker": np.zeros(3), "smoothness": np.zeros(3), "moving": np.zeros(3),
+              "shapes": [None] * 3}
+    args = argparse.Namespace(r_precision_distractors=99)
+    metrics, t2v_ranks, v2t_ranks = evaluate.summarize(result, rows, args)
+    np.testing.assert_array_equal(t2v_ranks, [1, 1, 1])
+    np.testing.assert_array_equal(v2t_ranks, [1, 1, 1])
+    assert metrics["t2v/R1"] == 100.0 and metrics["v2t/R1"] == 100.0

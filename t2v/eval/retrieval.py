@@ -6,7 +6,9 @@ R@K is the percentage (0-100) of queries whose target ranks at most K.
 Several captions per video: ``text_to_video[i]`` names the video of caption ``i``. Text-to-video ranks
 each caption's single target video. Video-to-text ranks a video by the best rank among its captions:
 ``1 + number of non-matching captions scoring above its best caption`` (ties, below, decide how equal
-scores count). Its other captions never push it down.
+scores count). Its other captions never push it down. Several videos per caption (a prompt set with
+repeated prompts): a bool ``text_to_video`` matrix marks every matching pair, and every query ranks by
+its best-scoring target in the same way.
 
 Ties: ``"pessimistic"`` (default) puts the target below every non-target with an equal score, so a
 constant similarity matrix scores worst (R@1 = 0 unless there is a single candidate); ``"optimistic"``
@@ -45,16 +47,30 @@ def check_similarity(sim, name: str = "sim") -> np.ndarray:
 
 
 def check_text_to_video(text_to_video, num_texts: int, num_videos: int) -> np.ndarray:
-    """Each text's target video as an int64 array; identity (square ``sim`` only) when None."""
+    """The (num_texts, num_videos) bool matrix of matching pairs, or ``ValueError``.
+
+    ``text_to_video`` is None (identity, square ``sim`` only), a (num_texts,) int array naming each text's
+    video, or a (num_texts, num_videos) bool matrix marking every matching pair.
+    """
     if text_to_video is None:
         if num_texts != num_videos:
             raise ValueError(
                 f"text_to_video is required when sim is not square, got {num_texts} texts x {num_videos} videos"
             )
-        return np.arange(num_texts)
+        return np.eye(num_texts, dtype=bool)
     if hasattr(text_to_video, "detach"):
         text_to_video = text_to_video.detach().cpu().numpy()
     t2v = np.asarray(text_to_video)
+    if t2v.ndim == 2:
+        if t2v.shape != (num_texts, num_videos) or t2v.dtype != np.bool_:
+            raise ValueError(
+                f"a text_to_video matrix must be bool of shape ({num_texts}, {num_videos}), got {t2v.dtype} {t2v.shape}"
+            )
+        if not t2v.any(axis=1).all():
+            raise ValueError(f"every text needs a matching video; text {int(np.argmin(t2v.any(axis=1)))} has none")
+        if not t2v.any(axis=0).all():
+            raise ValueError(f"every video needs at least one caption; video {int(np.argmin(t2v.any(axis=0)))} has none")
+        return t2v
     if t2v.shape != (num_texts,):
         raise ValueError(f"text_to_video must have shape ({num_texts},), one index per text, got {t2v.shape}")
     if not np.issubdtype(t2v.dtype, np.integer):
@@ -66,7 +82,15 @@ def check_text_to_video(text_to_video, num_texts: int, num_videos: int) -> np.nd
     missing = np.setdiff1d(np.arange(num_videos), t2v)
     if missing.size:
         raise ValueError(f"every video needs at least one caption; video {int(missing[0])} has none")
-    return t2v.astype(np.int64)
+    return t2v.astype(np.int64)[:, None] == np.arange(num_videos)[None, :]
+
+
+def same_prompt_matches(prompts) -> np.ndarray:
+    """(N, N) bool ``text_to_video`` matrix for prompt i made video i: a prompt matches every video of an
+    equal prompt, so a repeated prompt neither loses its text-to-video rank to its twin's video nor
+    pushes a video down the video-to-text ranking with its twin's equal score."""
+    prompts = np.asarray(list(prompts), dtype=object)
+    return prompts[:, None] == prompts[None, :]
 
 
 def _ranks(scores: np.ndarray, targets: np.ndarray, ties: str) -> np.ndarray:
@@ -91,8 +115,7 @@ def retrieval_ranks(sim, text_to_video=None, ties: str = "pessimistic") -> tuple
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     sim = check_similarity(sim)
     num_texts, num_videos = sim.shape
-    t2v = check_text_to_video(text_to_video, num_texts, num_videos)
-    match = t2v[:, None] == np.arange(num_videos)[None, :]  # (num_texts, num_videos)
+    match = check_text_to_video(text_to_video, num_texts, num_videos)  # (num_texts, num_videos)
     t2v_ranks = _ranks(sim, match, ties)
     v2t_ranks = _ranks(sim.T, match.T, ties)
     return t2v_ranks, v2t_ranks
@@ -138,7 +161,8 @@ def retrieval_metrics(
 
     Args:
         sim: similarities, numpy or torch, (num_texts, num_videos).
-        text_to_video: (num_texts,) int index of each text's video; default identity (square ``sim``).
+        text_to_video: (num_texts,) int index of each text's video, or a (num_texts, num_videos) bool
+            matrix of matching pairs (``same_prompt_matches``); default identity (square ``sim``).
         ties: ``"pessimistic"``, ``"optimistic"`` or ``"average"``.
         dual_softmax: also report CAMoE dual-softmax re-scored metrics under ``dsl/...`` keys.
         temperature: dual-softmax temperature (0.01 is CAMoE's logit scale of 100).

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from t2v.eval.retrieval import retrieval_metrics
+from t2v.eval.retrieval import retrieval_metrics, same_prompt_matches
 from t2v.eval.retriever import VideoEncoder, VideoTextRetriever, contrastive_loss
 
 SOURCES = ("shapes", "manifest")
@@ -301,13 +301,13 @@ def make_optimizer(model: VideoTextRetriever, cfg: RetrieverOptimConfig) -> torc
 
 @torch.no_grad()
 def evaluate(model: VideoTextRetriever, videos, captions: list[str]) -> dict[str, float]:
-    """Retrieval metrics of `captions` against `videos` (pair i matches i)."""
+    """Retrieval metrics of `captions` against `videos` (pair i matches i, and every video of an equal caption)."""
     was_training = model.training
     model.eval()
     clips = [np.asarray(v.cpu()) if isinstance(v, torch.Tensor) else v for v in videos]
     sim = model.similarity(captions, clips)
     model.train(was_training)
-    return retrieval_metrics(sim)
+    return retrieval_metrics(sim, same_prompt_matches(captions))
 
 
 def train_retriever(cfg: RetrieverConfig) -> dict[str, float]:
