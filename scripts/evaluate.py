@@ -268,25 +268,34 @@ def score_stage(args, videos_dir: str) -> dict:
         if len(rows) >= 2 and len(ref_rows) >= 2:
             metrics["frechet_distance"] = frechet_distance(result["features"], ref["features"])
 
+    # 1. every output goes to a temporary name first; metrics.json is renamed into place last, so a failed
+    # run never leaves a half-written file or a metrics.json beside another run's report
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    with open(os.path.join(args.out, "per_video.jsonl"), "w") as f:
-        for i, row in enumerate(rows):
-            f.write(json.dumps({
-                "prompt": row["prompt"], "path": row["path"], "category": row["category"],
-                "t2v_rank": float(t2v_ranks[i]), "v2t_rank": float(v2t_ranks[i]),
-                "matched_cosine": float(result["sim"][i, i]), "temporal_flicker": float(result["flicker"][i]),
-                "shapes": result["shapes"][i],
-            }) + "\n")
+    per_video = "".join(
+        json.dumps({
+            "prompt": row["prompt"], "path": row["path"], "category": row["category"],
+            "t2v_rank": float(t2v_ranks[i]), "v2t_rank": float(v2t_ranks[i]),
+            "matched_cosine": float(result["sim"][i, i]), "temporal_flicker": float(result["flicker"][i]),
+            "shapes": result["shapes"][i],
+        }) + "\n"
+        for i, row in enumerate(rows)
+    )
     cards = [
         {"gif": gif, "prompt": rows[i]["prompt"], "rank": float(t2v_ranks[i]),
          "scores": {"cosine": float(result["sim"][i, i]),
                     **({"shapes all": result["shapes"][i]["all"]} if result["shapes"][i] else {})}}
         for i, gif in enumerate(result["gifs"])
     ]
-    write_report(os.path.join(args.out, "report.html"), metrics, cards, result["sim"], t2v_ranks,
+    tmp = {name: os.path.join(args.out, f".tmp-{name}") for name in ("per_video.jsonl", "report.html", "metrics.json")}
+    with open(tmp["per_video.jsonl"], "w") as f:
+        f.write(per_video)
+    write_report(tmp["report.html"], metrics, cards, result["sim"], t2v_ranks,
                  title=f"t2v evaluation: {os.path.basename(os.path.abspath(videos_dir))}")
+    with open(tmp["metrics.json"], "w") as f:
+        json.dump(metrics, f, indent=2)
+    # 2. rename into place, metrics.json last
+    for name, path in tmp.items():
+        os.replace(path, os.path.join(args.out, name))
     return metrics
 
 

@@ -160,3 +160,17 @@ def test_repeated_prompts_count_each_others_videos_as_matches():
     np.testing.assert_array_equal(t2v_ranks, [1, 1, 1])
     np.testing.assert_array_equal(v2t_ranks, [1, 1, 1])
     assert metrics["t2v/R1"] == 100.0 and metrics["v2t/R1"] == 100.0
+
+
+def test_failed_report_leaves_no_metrics(clip_dir, shapes_folder, tmp_path, monkeypatch):
+    import t2v.eval.report
+
+    def broken_report(*args, **kwargs):
+        raise ValueError("report failed")
+
+    monkeypatch.setattr(t2v.eval.report, "write_report", broken_report)
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit):
+        evaluate.main(["--stage", "score", "--videos", str(shapes_folder), "--out", str(out),
+                       "--scorer", f"clip:{clip_dir}"])
+    assert not (out / "metrics.json").exists() and not (out / "per_video.jsonl").exists()
