@@ -191,7 +191,7 @@ class DiTTask:
         """Score the written validation videos against their prompts (R@K, MedR, MnR both ways)."""
         import imageio.v3 as iio
 
-        from t2v.eval.retrieval import retrieval_metrics
+        from t2v.eval.retrieval import retrieval_metrics, same_prompt_matches
         from t2v.eval.scorers import load_scorer
 
         if self.scorer is None:
@@ -199,7 +199,9 @@ class DiTTask:
         videos = [iio.imread(path, plugin="pyav") for path in paths]  # uint8 (F, H, W, 3) each
         with torch.no_grad():
             sim = self.scorer.similarity(prompts, videos).float().cpu().numpy()
-        return {f"val/{k}": float(v) for k, v in retrieval_metrics(sim).items()}
+        # A repeated prompt matches every video made from it, not only its own.
+        metrics = retrieval_metrics(sim, text_to_video=same_prompt_matches(prompts))
+        return {f"val/{k}": float(v) for k, v in metrics.items()}
 
     def export(self, model: nn.Module) -> None:
         export_pipeline(self.cfg, model, self.vae, self.text, os.path.join(self.cfg.output_dir, "pipeline"))
