@@ -342,7 +342,9 @@ def test_sequence_parallel_training_matches_one_process(workdir):
     root, manifest = workdir
     single = train(1, root / "sp_single", manifest, str(root / "rank_dump.py"))
     sp = train(2, root / "sp2", manifest, str(root / "rank_dump.py"), "distributed.backend=ddp",
-               "distributed.sequence_parallel_size=2")
+               "distributed.sequence_parallel_size=2", "train.validate_every=2",
+               'train.validation_prompts=["a red square"]')  # rank 0 samples alone, without the hook
+    assert (sp / "samples" / "step-2").is_dir()
     rank0, rank1 = weights(sp / "rank0.safetensors"), weights(sp / "rank1.safetensors")
     assert_close(rank0, rank1, 0.0, "sequence-parallel rank 0 vs rank 1")
     reference = weights(single / "rank0.safetensors")
@@ -360,6 +362,12 @@ def test_sequence_parallel_training_matches_one_process(workdir):
         print(f"{key}: P=2 {values[0]} one process {values[1]}")
         assert len(values[0]) == STEPS and values[0] == pytest.approx(values[1], rel=1e-5), key
     print("step seconds, P=2:", step_seconds(sp), "one process:", step_seconds(single))
+
+    # Checkpoints are topology-free: the single process's step-2 checkpoint resumed with P = 2.
+    resumed = train(2, root / "sp_resumed", manifest, str(root / "rank_dump.py"), "distributed.backend=ddp",
+                    "distributed.sequence_parallel_size=2", f"resume={single / 'checkpoints' / 'step-2'}")
+    for group in ("model", "optimizer", "ema"):
+        assert relative_diff(checkpoint(resumed, STEPS, group), checkpoint(single, STEPS, group)) <= 1e-5, group
 
 
 # ----------------------------------------------------------------------------------------------------
