@@ -137,9 +137,13 @@ def test_sequence_parallel_launch_checks(tmp_path):
         trainer.train(cfg, task=None)  # one process
     with pytest.raises(ValueError, match="world size 3 is not divisible by distributed.sequence_parallel_size=2"):
         check_launch(load_config(DEBUG, ["distributed.backend=ddp", "distributed.sequence_parallel_size=2"]).distributed, 3)
-    with pytest.raises(ValueError, match="backend=ddp only, got 'deepspeed'"):
-        check_launch(load_config(DEBUG, ["distributed.backend=deepspeed",
-                                         "distributed.sequence_parallel_size=2"]).distributed, 2)
+    with pytest.raises(ValueError, match="sequence_parallel_size=2 needs distributed.backend=ddp or deepspeed"):
+        check_launch(load_config(DEBUG, ["distributed.sequence_parallel_size=2"]).distributed, 1)
+    from t2v.parallel.deepspeed_engine import initialize
+
+    with pytest.raises(ValueError, match="sequence_parallel_size=2 with distributed.zero_stage=3"):
+        initialize(None, [], None, load_config(DEBUG, ["distributed.backend=deepspeed", "distributed.zero_stage=3",
+                                                       "distributed.sequence_parallel_size=2"]), 2)
 
 
 def test_launch_without_backend_is_refused(workdir):
@@ -336,11 +340,18 @@ def step_seconds(out: Path) -> list[float]:
     return [round(2 / row["samples_per_s"], 4) for row in rows if row.get("samples_per_s")]
 
 
-def test_sequence_parallel_training_matches_one_process(workdir):
+@pytest.fixture(scope="module")
+def one_process(workdir):
+    """One process, batch 2, no accumulation: the global batch of one sequence-parallel group."""
+    root, manifest = workdir
+    return train(1, root / "sp_single", manifest, str(root / "rank_dump.py"))
+
+
+def test_sequence_parallel_training_matches_one_process(workdir, one_process):
     """2 ranks, P = 2 (one data-parallel group): both read the single process's batch, each runs half the
     tokens; after STEPS updates the weights equal the single process's."""
     root, manifest = workdir
-    single = train(1, root / "sp_single", manifest, str(root / "rank_dump.py"))
+    single = one_process
     sp = train(2, root / "sp2", manifest, str(root / "rank_dump.py"), "distributed.backend=ddp",
                "distributed.sequence_parallel_size=2", "train.validate_every=2",
                'train.validation_prompts=["a red square"]')  # rank 0 samples alone, without the hook
@@ -368,6 +379,19 @@ def test_sequence_parallel_training_matches_one_process(workdir):
                     "distributed.sequence_parallel_size=2", f"resume={single / 'checkpoints' / 'step-2'}")
     for group in ("model", "optimizer", "ema"):
         assert relative_diff(checkpoint(resumed, STEPS, group), checkpoint(single, STEPS, group)) <= 1e-5, group
+
+
+
+def test_sequence_parallel_with_zero2_matches_one_process(workdir, one_process):
+    root, manifest = workdir
+    out = train(2, root / "sp_zero2", manifest, str(root / "rank_dump.py"), "distributed.backend=deepspeed",
+                "distributed.zero_stage=2", "distributed.deepspeed_config=configs/deepspeed/zero2.json",
+                "distributed.sequence_parallel_size=2")
+    assert_close(weights(out / "rank0.safetensors"), weights(out / "rank1.safetensors"), 0.0, "sp zero2 ranks")
+    for group in ("model", "optimizer", "ema"):
+        worst = relative_diff(checkpoint(out, STEPS, group), checkpoint(one_process, STEPS, group))
+        print(f"P=2 ZeRO-2 vs one process, {group}: max relative diff {worst:.3g}")
+        assert worst <= 1e-5, group
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -97,6 +97,10 @@ def initialize(model: nn.Module, param_groups: list[dict], make_scheduler: Calla
     import deepspeed
 
     dc = cfg.distributed
+    if dc.zero_stage == 3 and dc.sequence_parallel_size > 1:
+        raise ValueError(f"distributed.sequence_parallel_size={dc.sequence_parallel_size} with distributed.zero_stage=3: "
+                         "ZeRO-3 gathers parameters in module forwards that sequence parallelism bypasses; "
+                         "use zero_stage 1 or 2")
     if dc.zero_stage == 3 and cfg.train.ema_decay > 0:
         raise ValueError(f"train.ema_decay={cfg.train.ema_decay} with distributed.zero_stage=3: the EMA needs whole "
                          "parameters on every rank; use zero_stage 1 or 2, or train.ema_decay=0")
@@ -124,7 +128,15 @@ def gathered(engine):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(list(plain_module(engine).parameters()), modifier_rank=None)
+
+
+def plain_module(engine) -> nn.Module:
+    """The model the engine trains, without a `SequenceParallelDiT` around it (checkpoint names)."""
+    from t2v.parallel.sequence import SequenceParallelDiT
+
+    module = engine.module
+    return module.model if isinstance(module, SequenceParallelDiT) else module
 
 
 def _ordered(engine, param_groups: list[dict]) -> list[nn.Parameter]:
@@ -177,7 +189,7 @@ def full_state(engine, param_groups: list[dict]) -> tuple[dict[str, torch.Tensor
     """(model state dict with fp32 master weights, torch AdamW state dict), whole, on every rank."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    module = engine.module
+    module = plain_module(engine)
     with gathered(engine):
         model = {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
     names = {id(p): name for name, p in module.named_parameters()}
@@ -212,7 +224,7 @@ def load_full_state(engine, param_groups: list[dict], model: dict[str, torch.Ten
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    names = {id(p): name for name, p in engine.module.named_parameters()}
+    names = {id(p): name for name, p in plain_module(engine).named_parameters()}
     ordered = _ordered(engine, param_groups)
     inner = inner_optimizer(engine)
     state = optimizer.get("state", {})

@@ -119,8 +119,8 @@ def data_parallel_info() -> tuple[int, int]:
 
 
 def check_launch(cfg: DistributedConfig, world_size: int) -> None:
-    """Refuse what the trainer cannot honour: several processes without a data-parallel backend (ranks
-    would silently diverge), and sequence parallelism outside DDP."""
+    """Refuse what the trainer cannot honour: several processes, or sequence parallelism, without a
+    data-parallel backend (ranks would silently diverge), and a world size not divisible by P."""
     backend = cfg.backend
     if world_size > 1 and backend == "none":
         raise ValueError(
@@ -128,9 +128,8 @@ def check_launch(cfg: DistributedConfig, world_size: int) -> None:
             "or distributed.backend=deepspeed"
         )
     size = cfg.sequence_parallel_size
-    if size > 1 and backend != "ddp":
-        raise ValueError(f"distributed.sequence_parallel_size={size} runs with distributed.backend=ddp only, "
-                         f"got {backend!r}")
+    if size > 1 and backend == "none":
+        raise ValueError(f"distributed.sequence_parallel_size={size} needs distributed.backend=ddp or deepspeed")
     if world_size % size:
         raise ValueError(f"world size {world_size} is not divisible by distributed.sequence_parallel_size={size}")
 
@@ -167,14 +166,7 @@ def parallelize(model: nn.Module, cfg: DistributedConfig) -> nn.Module:
     With P > 1, DDP averages over all W ranks gradients that must be summed within a group and averaged
     over the W / P groups: scale the loss by `gradient_scale(cfg)` = P before backward.
     """
-    if cfg.sequence_parallel_size > 1:
-        from t2v.parallel.sequence import SequenceParallelDiT
-
-        if sequence_parallel_size() != cfg.sequence_parallel_size:
-            raise ValueError(f"distributed.sequence_parallel_size={cfg.sequence_parallel_size} but the process "
-                             f"group was set up for {sequence_parallel_size()}; call "
-                             "init_distributed(cfg.distributed.sequence_parallel_size) first")
-        model = SequenceParallelDiT(model, sequence_group())
+    model = shard_sequence(model, cfg)
     if cfg.backend != "ddp" or not dist.is_initialized() or dist.get_world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -183,11 +175,24 @@ def parallelize(model: nn.Module, cfg: DistributedConfig) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
+def shard_sequence(model: nn.Module, cfg: DistributedConfig) -> nn.Module:
+    """`SequenceParallelDiT(model, group)` over this rank's group for P > 1, else `model`."""
+    if cfg.sequence_parallel_size == 1:
+        return model
+    from t2v.parallel.sequence import SequenceParallelDiT
+
+    if sequence_parallel_size() != cfg.sequence_parallel_size:
+        raise ValueError(f"distributed.sequence_parallel_size={cfg.sequence_parallel_size} but the process "
+                         f"group was set up for {sequence_parallel_size()}; call "
+                         "init_distributed(cfg.distributed.sequence_parallel_size) first")
+    return SequenceParallelDiT(model, sequence_group())
+
+
 def sequence_parallel_module(module: nn.Module):
     """The `SequenceParallelDiT` that `parallelize` returned, inside DDP or not; None when there is none."""
     from t2v.parallel.sequence import SequenceParallelDiT
 
-    inner = getattr(module, "module", module) if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    inner = getattr(module, "module", module)  # inside DDP or a DeepSpeed engine
     return inner if isinstance(inner, SequenceParallelDiT) else None
 
 

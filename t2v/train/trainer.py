@@ -425,7 +425,7 @@ def train(cfg: Config, task: Task) -> TrainState:
 
     distributed.backend "ddp" wraps the model in DDP, "deepspeed" hands model, AdamW and schedule to a ZeRO
     engine (t2v.parallel); checkpoints hold whole, unwrapped tensors either way. With
-    distributed.sequence_parallel_size P > 1 (ddp), groups of P ranks share a batch and split its tokens.
+    distributed.sequence_parallel_size P > 1, groups of P ranks share a batch and split its tokens.
     """
     tc = cfg.train
     rank, world_size = par.init_distributed()
@@ -452,14 +452,15 @@ def train(cfg: Config, task: Task) -> TrainState:
     if cfg.distributed.backend == "deepspeed":
         from t2v.parallel import deepspeed_engine
 
-        engine = deepspeed_engine.initialize(model, groups, lambda opt: build_lr_scheduler(opt, tc), cfg, world_size)
+        engine = deepspeed_engine.initialize(par.shard_sequence(model, cfg.distributed), groups,
+                                             lambda opt: build_lr_scheduler(opt, tc), cfg, world_size)
         forward_model, optimizer, lr_scheduler = engine, engine.optimizer, engine.lr_scheduler
     else:
         optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
         lr_scheduler = build_lr_scheduler(optimizer, tc)
         forward_model = par.parallelize(model, cfg.distributed)  # sequence parallel, then DDP on several ranks
     sequence = par.sequence_parallel_module(forward_model)  # the SequenceParallelDiT inside, or None
-    # DDP averages over all ranks; a sequence-parallel group's token-shard gradients must add up: x P.
+    # DDP / ZeRO average over all ranks; a sequence-parallel group's token-shard gradients must add up: x P.
     loss_scale = par.gradient_scale(cfg.distributed)
     ema = EMA(params, tc.ema_decay) if tc.ema_decay > 0 else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -539,7 +540,7 @@ def train(cfg: Config, task: Task) -> TrainState:
                 with autocast(device, dtype):
                     out = task.loss(forward_model, batch, generator)
                 if engine is not None:
-                    engine.backward(out.loss)  # DeepSpeed divides by grad_accum itself
+                    engine.backward(out.loss * loss_scale)  # DeepSpeed divides by grad_accum itself
                     if not last:
                         engine.step()  # counts the micro-batch; updates only at the accumulation boundary
                 else:
