@@ -13,7 +13,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    init_distributed()  # joins the launcher's process group (torchrun, deepspeed); no-op for one process
+    # Joins the launcher's process group (torchrun, deepspeed) with its sequence-parallel groups, before the
+    # task picks its data shard; a no-op for one process.
+    init_distributed(cfg.distributed.sequence_parallel_size)
     train_dit(cfg)
 
 
