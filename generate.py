@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {device!r} asked for but CUDA is not available")
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype_name == "float16" and device == "cpu":
+    if dtype_name == "float16" and torch.device(device).type == "cpu":
         parser.error("--dtype float16 is not supported on CPU (about 50x slower); use float32 or bfloat16")
     model_dir = args.model or t2v.DEFAULT_MODEL
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):

@@ -59,6 +59,7 @@ def test_generate_gif(model_dir, tmp_path):
         ["a prompt", "--height", "30"],
         ["a prompt", "--model", "no/such/folder"],
         ["a prompt", "--dtype", "float16", "--device", "cpu"],
+        ["a prompt", "--dtype", "float16", "--device", "cpu:0"],
         ["a prompt", "--format", "avi"],
         ["a prompt", "--steps", "many"],
     ],
