@@ -3,7 +3,7 @@
 #
 #   OUT=/some/folder bash scripts/gpu_bench.sh
 #
-# Installs only carried wheels (.carry/whl/*.whl: diffusers, omegaconf, importlib_metadata) into /tmp/site,
+# Installs only local wheels ($WHEELS/*.whl, default wheels/: diffusers, omegaconf, importlib_metadata) into /tmp/site,
 # then runs scripts/benchmark.py on cuda for shapes, 300m and 1.3b (eager), and, while time is left, the
 # 300m DiT pairs again with torch.compile. Results: $OUT/bench_cuda.json, $OUT/bench_cuda_compile.json and
 # the printed tables in $OUT/bench_cuda.log.
@@ -13,9 +13,10 @@ OUT="${OUT:?set OUT to the folder for the results}"
 mkdir -p "$OUT"
 BUDGET=460  # seconds for the whole script, leaving margin under 8 minutes
 LOG="$OUT/bench_cuda.log"
+WHEELS="${WHEELS:-wheels}"  # a folder of wheels for packages the machine lacks (no network needed)
 
-if compgen -G ".carry/whl/*.whl" > /dev/null; then
-    python -m pip install --quiet --upgrade --no-index --no-deps --target /tmp/site .carry/whl/*.whl 2>&1 | tail -n 3
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    python -m pip install --quiet --upgrade --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl 2>&1 | tail -n 3
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -25,7 +26,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     python -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
 } 2>&1 | tee "$LOG"
 if ! python -c "import diffusers, einops, yaml" 2>> "$LOG"; then
-    echo "missing python packages (see $LOG); carry their wheels in .carry/whl" | tee -a "$LOG"
+    echo "missing python packages (see $LOG); put their wheels in $WHEELS" | tee -a "$LOG"
     exit 1
 fi
 
