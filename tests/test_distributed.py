@@ -175,6 +175,44 @@ def test_zero2_ranks_agree_and_match_one_process(zero2_run, reference):
     assert_close(checkpoint(zero2_run, STEPS, "ema"), checkpoint(reference, STEPS, "ema"), 1e-5, "zero2 EMA")
 
 
+# RANK_DUMP with a NaN loss on one rank's loss call number `call` (0-based, counted per process).
+NAN_ONCE = """
+import os
+from t2v.train.dit import DiTTask
+_loss, _calls = DiTTask.loss, []
+def _nan_once(self, model, batch, generator):
+    out = _loss(self, model, batch, generator)
+    _calls.append(None)
+    if len(_calls) - 1 == {call} and int(os.environ.get("RANK", "0")) == {rank}:
+        out.loss = out.loss * float("nan")
+    return out
+DiTTask.loss = _nan_once
+"""
+
+
+def test_zero2_skips_a_nonfinite_step_like_one_process(workdir):
+    """A NaN loss on rank 1 alone at step 2: both ZeRO-2 ranks skip that update, log it, go on to the end and
+    agree; one process meeting the same NaN in the same global micro-batch ends with the same weights."""
+    from t2v.train.logger import read_metrics
+
+    root, manifest = workdir
+    (root / "nan_rank1.py").write_text(NAN_ONCE.format(call=2, rank=1) + RANK_DUMP)
+    (root / "nan_single.py").write_text(NAN_ONCE.format(call=5, rank=0) + RANK_DUMP)  # step 2, micro-batch 1
+    out = train(2, root / "zero2_nan", manifest, str(root / "nan_rank1.py"), "distributed.backend=deepspeed",
+                "distributed.zero_stage=2", "distributed.deepspeed_config=configs/deepspeed/zero2.json")
+    single = train(1, root / "single_nan", manifest, str(root / "nan_single.py"), "train.grad_accum=2")
+    for run_dir in (out, single):
+        rows = read_metrics(str(run_dir))
+        skipped = [row for row in rows if row.get("skipped_nonfinite")]
+        assert [row["step"] for row in skipped] == [2] and skipped[0]["nonfinite_in_a_row"] == 1, run_dir
+        assert max(row["step"] for row in rows) == STEPS
+    assert_close(weights(out / "rank0.safetensors"), weights(out / "rank1.safetensors"), 0.0, "zero2 nan ranks")
+    for group in ("model", "optimizer", "ema"):
+        assert_close(checkpoint(out, STEPS, group), checkpoint(single, STEPS, group), 1e-5, f"zero2 nan {group}")
+    state = json.loads((out / "checkpoints" / f"step-{STEPS}" / "state.json").read_text())
+    assert state["lr_scheduler"]["last_epoch"] == STEPS  # the skipped update did not move the schedule
+
+
 def test_zero3_ranks_agree_and_match_one_process(workdir, reference):
     root, manifest = workdir
     out = train(2, root / "zero3", manifest, str(root / "rank_dump.py"), "distributed.backend=deepspeed",

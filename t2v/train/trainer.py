@@ -540,7 +540,10 @@ def train(cfg: Config, task: Task) -> TrainState:
                 with autocast(device, dtype):
                     out = task.loss(forward_model, batch, generator)
                 if engine is not None:
-                    engine.backward(out.loss * loss_scale)  # DeepSpeed divides by grad_accum itself
+                    # A non-finite loss makes every gradient NaN, so the engine's own overflow check (a global,
+                    # all-reduced verdict) discards the accumulated gradients and skips AdamW and the LR schedule.
+                    poison = torch.where(torch.isfinite(out.loss), 1.0, float("nan")).detach()
+                    engine.backward(out.loss * poison * loss_scale)  # DeepSpeed divides by grad_accum itself
                     if not last:
                         engine.step()  # counts the micro-batch; updates only at the accumulation boundary
                 else:
@@ -550,35 +553,42 @@ def train(cfg: Config, task: Task) -> TrainState:
         if world_size > 1:
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
 
-        # 3b. update: DeepSpeed clips and steps inside its engine; otherwise clip here, and a non-finite loss
-        # or gradient skips the update
+        # 3b. update: DeepSpeed clips and steps inside its engine; otherwise clip here. A non-finite loss
+        # (the all-reduced one, so every rank agrees) or gradient skips the update.
         loss_value = step_loss.item()
         if engine is not None:
-            if not math.isfinite(loss_value):  # ZeRO already holds the reduced gradients: stop, do not skip
-                raise NonFiniteLossError(f"non-finite loss {loss_value} at step {state.step} with DeepSpeed; "
-                                         f"last good checkpoint: {ckpt.latest_checkpoint(root) or 'none'}")
-            engine.step()  # clip, AdamW, LR schedule, zero gradients
+            engine.step()  # clip, AdamW, LR schedule, zero gradients; skipped on non-finite gradients
             grad_norm = torch.as_tensor(float(engine.get_global_grad_norm() or 0.0))
+            applied = engine.was_step_applied()
+            if applied and not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"non-finite loss {loss_value} at step {state.step} but DeepSpeed applied "
+                                         "the update (is its bf16 check_grad_overflow off?); last good checkpoint: "
+                                         f"{ckpt.latest_checkpoint(root) or 'none'}")
+            # With fp16 the engine's loss scaler skips updates whose gradients overflowed, as GradScaler does.
+            skip = not applied and tc.mixed_precision != "fp16"
         else:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
             # With fp16 the scaler itself skips updates whose gradients overflowed.
-            if not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(grad_norm.item())):
+            skip = not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(grad_norm.item()))
+            if skip:
                 if scaler.is_enabled():
                     scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                state.nonfinite_in_a_row += 1
-                logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm.item(), "skipped_nonfinite": True,
-                                        "nonfinite_in_a_row": state.nonfinite_in_a_row})
-                if state.nonfinite_in_a_row >= tc.max_nonfinite_steps:
-                    last = ckpt.latest_checkpoint(root)
-                    logger.close()
-                    progress.close()
-                    raise NonFiniteLossError(
-                        f"stopping at step {state.step}: {state.nonfinite_in_a_row} non-finite losses in a row "
-                        f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); last good checkpoint: {last or 'none'}"
-                    )
-                continue
+        if skip:
+            state.nonfinite_in_a_row += 1
+            logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm.item(), "skipped_nonfinite": True,
+                                    "nonfinite_in_a_row": state.nonfinite_in_a_row})
+            if state.nonfinite_in_a_row >= tc.max_nonfinite_steps:
+                last = ckpt.latest_checkpoint(root)
+                logger.close()
+                progress.close()
+                raise NonFiniteLossError(
+                    f"stopping at step {state.step}: {state.nonfinite_in_a_row} non-finite losses in a row "
+                    f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); last good checkpoint: {last or 'none'}"
+                )
+            continue
+        if engine is None:
             scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
             scaler.update()
             lr_scheduler.step()
