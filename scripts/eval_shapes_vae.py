@@ -1,0 +1,44 @@
+"""Attribute read-back and PSNR of a VAE's reconstructions of real Shapes World clips (the bound on any
+model decoded by it).
+
+    python scripts/eval_shapes_vae.py --vae t2v/assets/default_model/vae --num 256 --seed 11 [--json FILE]
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from t2v.eval.vae_quality import vae_readback
+from t2v.train.trainer import load_vae
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vae", required=True, help="VAE folder (save_pretrained) or a config name")
+    parser.add_argument("--num", type=int, default=256, help="clips (one or two objects each)")
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--split", choices=["train", "heldout"], default="train")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error(f"--num {args.num} must be at least 1")
+    vae = load_vae(args.vae, seed=0).to(args.device).eval()
+    if next(vae.parameters()).dtype != torch.float32:  # shipped weights are fp16; fp16 on CPU is very slow
+        vae = vae.float()
+    result = {"vae": args.vae, "num": args.num, "seed": args.seed, "split": args.split,
+              **vae_readback(vae, args.num, args.seed, args.split, args.batch_size)}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(f"{args.json}.tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(f"{args.json}.tmp", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
