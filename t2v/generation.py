@@ -127,11 +127,28 @@ def generate_to_folder(
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         out_dir.mkdir(parents=True, exist_ok=True)
+        stale = _manifest_paths(out_dir / "manifest.jsonl") - {row["path"] for row in rows}
         for item in sorted(tmp.iterdir(), key=lambda p: p.name == "manifest.jsonl"):  # manifest last
             os.replace(item, out_dir / item.name)
+        for name in stale:  # videos of an earlier, longer run into the same folder; nothing else is touched
+            (out_dir / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
+
+
+def _manifest_paths(manifest: Path) -> set[str]:
+    """The plain file names listed in an earlier run's manifest (none if it is missing or unreadable)."""
+    names = set()
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            for line in f:
+                path = json.loads(line).get("path") if line.strip() else None
+                if isinstance(path, str) and path == os.path.basename(path):
+                    names.add(path)
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return names
 
 
 def _settings_row(settings: GenerationSettings) -> dict:

@@ -73,3 +73,16 @@ def test_bad_arguments_exit_2(model_dir, tmp_path, args):
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
+
+
+def test_rerun_into_same_folder_removes_only_its_stale_videos(tmp_path):
+    from t2v.generation import GenerationSettings, generate_to_folder
+
+    pipe = tiny_pipeline()
+    out = tmp_path / "out"
+    settings = GenerationSettings(num_inference_steps=1, format="gif")
+    generate_to_folder(pipe, ["a", "b", "c"], out, [0, 1, 2], settings, progress=False)
+    (out / "notes.txt").write_text("mine")
+    generate_to_folder(pipe, ["d"], out, [0], settings, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["00000.gif", "manifest.jsonl", "notes.txt"]
+    assert [json.loads(line)["prompt"] for line in (out / "manifest.jsonl").read_text().splitlines()] == ["d"]
