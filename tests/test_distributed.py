@@ -224,6 +224,19 @@ def test_zero3_ranks_agree_and_match_one_process(workdir, reference):
                  "zero3 optimizer state")
 
 
+
+def test_zero3_with_cpu_offload_matches_one_process(workdir, reference):
+    # ZeRO-Offload of optimizer states and ZeRO-3 parameters to CPU memory (torch's AdamW steps the offloaded
+    # partitions): the same training as one process, only where the tensors live changes.
+    root, manifest = workdir
+    out = train(2, root / "zero3_offload", manifest, str(root / "rank_dump.py"), "distributed.backend=deepspeed",
+                "distributed.zero_stage=3", "distributed.deepspeed_config=configs/deepspeed/zero3.json",
+                "distributed.offload_optimizer=true", "distributed.offload_params=true", "train.ema_decay=0")
+    assert_close(weights(out / "rank0.safetensors"), weights(out / "rank1.safetensors"), 0.0, "offload ranks")
+    assert_close(checkpoint(out, STEPS, "model"), checkpoint(reference, STEPS, "model"), 1e-5, "offload vs 1x2x2")
+    assert_close(checkpoint(out, STEPS, "optimizer"), checkpoint(reference, STEPS, "optimizer"), 1e-5,
+                 "offload optimizer state")
+
 def test_deepspeed_config_auto_values_and_conflicts():
     from t2v.config import load_config
     from t2v.parallel.deepspeed_engine import fill_config, load_json
@@ -237,6 +250,13 @@ def test_deepspeed_config_auto_values_and_conflicts():
         fill_config({"zero_optimization": {"stage": 2}}, load_config(DEBUG, ["distributed.zero_stage=3"]), 1)
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         fill_config({"gradient_accumulation_steps": 8}, cfg, 1)
+    offload = load_config(DEBUG, ["distributed.zero_stage=3", "distributed.offload_optimizer=true",
+                                  "distributed.offload_params=true"])
+    ds = fill_config(load_json(str(ROOT / "configs" / "deepspeed" / "zero3.json")), offload, world_size=2)
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"} and ds["zero_force_ds_cpu_optimizer"] is False
+    with pytest.raises(ValueError, match="offload_params=true needs distributed.zero_stage=3"):
+        fill_config({}, load_config(DEBUG, ["distributed.zero_stage=2", "distributed.offload_params=true"]), 1)
 
 
 # ----------------------------------------------------------------------------------------------------
