@@ -1,7 +1,7 @@
 """Package a trained pipeline folder as the shipped default model (half-precision safetensors).
 
     python scripts/ship_default.py --pipeline runs/shapes_default/dit/pipeline --out t2v/assets/default_model \
-        --steps 20 --guidance 4.0
+        --steps 20 --guidance 4.0 [--vae runs/shapes_default/vae_decoder/vae]
 
 The text encoder is not copied: the folder names it ("minilm", the pip-installed offline MiniLM).
 """
@@ -26,6 +26,20 @@ from t2v.models.text_encoder import MINILM  # noqa: E402
 from t2v.models.vae import CausalVideoVAE  # noqa: E402
 
 
+def same_latent_space(trained: CausalVideoVAE, replacement: CausalVideoVAE, where: str) -> CausalVideoVAE:
+    """`replacement` if its encoder weights and latent normalisation equal `trained`'s; else a ValueError."""
+    for key in ("scaling_factor", "shift_factor", "latent_channels"):
+        if trained.config[key] != replacement.config[key]:
+            raise ValueError(f"--vae {where}: {key}={replacement.config[key]} but the pipeline's VAE has "
+                             f"{trained.config[key]}; only a decoder fine-tune of the pipeline's VAE can replace it")
+    ours, theirs = trained.encoder.state_dict(), replacement.encoder.state_dict()
+    changed = [k for k in ours if k not in theirs or not torch.equal(ours[k], theirs[k])]
+    if changed or len(ours) != len(theirs):
+        raise ValueError(f"--vae {where}: encoder weights differ from the pipeline's VAE ({changed[:3]}...); the DiT "
+                         "was trained on that encoder's latents, so only a decoder fine-tune can replace it")
+    return replacement
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pipeline", required=True, help="trained pipeline folder (transformer/, vae/, scheduler/)")
@@ -33,13 +47,19 @@ def main() -> None:
     p.add_argument("--text-encoder", default=MINILM, help="name or path the shipped folder loads its encoder from")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--vae", default=None,
+                   help="a VAE folder to ship instead of the pipeline's: a decoder fine-tune of it (same encoder and "
+                        "latent normalisation, checked), so the DiT's latent space is unchanged")
     p.add_argument("--shift", type=float, default=None, help="fixed sampling shift (default: keep the trained one)")
     args = p.parse_args()
 
     src = args.pipeline
     index = T2VPipeline.load_config(src)
     transformer = VideoDiT.from_pretrained(os.path.join(src, "transformer")).to(torch.float16)
-    vae = CausalVideoVAE.from_pretrained(os.path.join(src, "vae")).to(torch.float16)
+    vae = CausalVideoVAE.from_pretrained(os.path.join(src, "vae"))
+    if args.vae is not None:
+        vae = same_latent_space(vae, CausalVideoVAE.from_pretrained(args.vae), args.vae)
+    vae = vae.to(torch.float16)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(src, "scheduler"))
     if args.shift is not None:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=args.shift)

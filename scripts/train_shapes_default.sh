@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Reproduce the shipped Shapes World default model from nothing:
 #   bash scripts/train_shapes_default.sh [RUN_DIR]
-# 1. the causal VAE on rendered clips, 2. the DiT on clips rendered and encoded by that frozen VAE with
-# MiniLM text, 3. the video-text retriever used as the evaluation judge, 4. the fp16 pipeline folder in
+# 1. the causal VAE on rendered clips, 2. its decoder fine-tuned with the encoder frozen (same latents),
+# 3. the DiT on clips rendered and encoded by the frozen VAE with MiniLM text, 4. the video-text retriever
+# used as the evaluation judge, 5. the fp16 pipeline folder (DiT + fine-tuned decoder) in
 # t2v/assets/default_model (SHIP=0 skips it). Each stage resumes from its last checkpoint when rerun,
-# and a finished stage is skipped. Extra key=value overrides per stage: VAE_ARGS, DIT_ARGS, RETRIEVER_ARGS.
+# and a finished stage is skipped. Extra key=value overrides per stage: VAE_ARGS, DECODER_ARGS, DIT_ARGS,
+# RETRIEVER_ARGS.
 # Runs on CUDA when available (minutes on one H100), otherwise on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,22 +16,27 @@ DEVICE=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else
 echo "[shapes] run folder $RUN, device $DEVICE"
 
 if [ ! -f "$RUN/vae/vae/config.json" ]; then
-  echo "[shapes] 1/4 VAE"
+  echo "[shapes] 1/5 VAE"
   python scripts/train_vae.py --config configs/train/shapes_vae.yaml output_dir="$RUN/vae" resume=latest ${VAE_ARGS:-}
 fi
+if [ ! -f "$RUN/vae_decoder/vae/config.json" ]; then
+  echo "[shapes] 2/5 VAE decoder fine-tune"
+  python scripts/train_vae.py --config configs/train/shapes_vae_decoder.yaml output_dir="$RUN/vae_decoder" \
+    model.vae="$RUN/vae/vae" resume=latest ${DECODER_ARGS:-}
+fi
 if [ ! -f "$RUN/dit/pipeline/model_index.json" ]; then
-  echo "[shapes] 2/4 DiT"
+  echo "[shapes] 3/5 DiT"
   python scripts/train.py --config configs/train/shapes_dit.yaml output_dir="$RUN/dit" model.vae="$RUN/vae/vae" \
     resume=latest ${DIT_ARGS:-}
 fi
 if [ ! -f "$RUN/retriever/model/config.json" ]; then
-  echo "[shapes] 3/4 retriever"
+  echo "[shapes] 4/5 retriever"
   python scripts/train_retriever.py --config configs/retriever/shapes.yaml output_dir="$RUN/retriever" \
     device="$DEVICE" ${RETRIEVER_ARGS:-}
 fi
 if [ "${SHIP:-1}" = "1" ]; then
-  echo "[shapes] 4/4 ship"
-  python scripts/ship_default.py --pipeline "$RUN/dit/pipeline" --out t2v/assets/default_model
+  echo "[shapes] 5/5 ship"
+  python scripts/ship_default.py --pipeline "$RUN/dit/pipeline" --vae "$RUN/vae_decoder/vae" --out t2v/assets/default_model
   rm -rf t2v/assets/shapes_retriever && cp -r "$RUN/retriever/model" t2v/assets/shapes_retriever
 fi
 echo "[shapes] done"

@@ -468,3 +468,18 @@ def test_validation_logs_retrieval_metrics_with_a_scorer(tmp_path, manifest):
     assert validation and validation[0]["step"] == 2
     # Two prompts: R@1 is 0, 50 or 100 percent and the median rank 1 or 2.
     assert validation[0]["val/t2v/R1"] in (0.0, 50.0, 100.0) and 1 <= validation[0]["val/t2v/MedR"] <= 2
+
+
+def test_vae_decoder_fine_tune_keeps_encoder_and_latent_scale(tmp_path, manifest):
+    from t2v.models.vae import CausalVideoVAE
+    from t2v.train.vae import train_vae
+
+    base = tmp_path / "base"
+    train_vae(debug_config(DEBUG_VAE, base, manifest, "train.max_steps=2", "train.ckpt_every=0"))
+    tuned = tmp_path / "tuned"
+    train_vae(debug_config(DEBUG_VAE, tuned, manifest, "train.max_steps=3", "train.ckpt_every=0",
+                           f"model.vae={base / 'vae'}", "model.trainable=[decoder]"))
+    a, b = CausalVideoVAE.from_pretrained(str(base / "vae")), CausalVideoVAE.from_pretrained(str(tuned / "vae"))
+    assert a.config.scaling_factor == b.config.scaling_factor and a.config.shift_factor == b.config.shift_factor
+    assert all(torch.equal(x, y) for x, y in zip(a.encoder.state_dict().values(), b.encoder.state_dict().values()))
+    assert any(not torch.equal(x, y) for x, y in zip(a.decoder.state_dict().values(), b.decoder.state_dict().values()))

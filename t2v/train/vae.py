@@ -210,12 +210,19 @@ class VAETask:
         return torch.cat([rearrange(z, "b c t h w -> c (b t h w)") for z in latents], dim=1)
 
     def export(self, model: nn.Module) -> None:
-        """Set the latent normalisation from data, then save_pretrained to {output_dir}/vae (atomically)."""
-        z = self.latent_samples(model)  # (C, N)
-        if "latents_mean" in model.config:  # diffusers AutoencoderKLWan: per-channel statistics
-            model.register_to_config(latents_mean=z.mean(dim=1).tolist(), latents_std=z.std(dim=1).tolist())
-        else:
-            model.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
+        """Set the latent normalisation from data, then save_pretrained to {output_dir}/vae (atomically).
+
+        With a frozen encoder (a decoder fine-tune, `model.trainable=[decoder]`) the latents and so their
+        normalisation are those of the loaded VAE and are kept as they are, bit for bit.
+        """
+        encoder = getattr(model, "encoder", None)
+        frozen = encoder is not None and not any(p.requires_grad for p in encoder.parameters())
+        if not frozen:
+            z = self.latent_samples(model)  # (C, N)
+            if "latents_mean" in model.config:  # diffusers AutoencoderKLWan: per-channel statistics
+                model.register_to_config(latents_mean=z.mean(dim=1).tolist(), latents_std=z.std(dim=1).tolist())
+            else:
+                model.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
         out_dir = os.path.join(self.cfg.output_dir, "vae")
         tmp = os.path.join(self.cfg.output_dir, f".vae.tmp-{uuid.uuid4().hex[:8]}")
         model.save_pretrained(tmp)
