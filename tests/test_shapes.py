@@ -313,3 +313,14 @@ def test_prompt_script(tmp_path):
     again = tmp_path / "again.jsonl"
     main(["--out", str(again), "--seed", "0"])
     assert again.read_text() == out.read_text()
+
+
+def test_prompt_script_renders_the_real_videos(tmp_path):
+    import imageio.v3 as iio
+
+    main = runpy.run_path("scripts/make_shapes_prompts.py")["main"]
+    main(["--out", str(tmp_path / "p.jsonl"), "--per-category", "2", "--render-real", str(tmp_path / "real")])
+    rows = [json.loads(line) for line in (tmp_path / "real" / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and [row["path"] for row in rows] == [f"{i:05d}.mp4" for i in range(8)]
+    video = iio.imread(tmp_path / "real" / rows[5]["path"], plugin="pyav")
+    assert attribute_accuracy(video[None], [rows[5]["record"]])["all"] == 1.0
