@@ -452,6 +452,21 @@ def test_sequence_parallel_with_zero2_matches_one_process(workdir, one_process):
         assert worst <= 1e-5, group
 
 
+
+def test_sequence_parallel_with_two_data_parallel_groups(workdir, reference):
+    """4 ranks, P = 2: two sequence-parallel groups, each a data-parallel rank reading its own shard, so the
+    run equals the 2-process DDP run and one process with 2 accumulation steps (`reference`)."""
+    root, manifest = workdir
+    out = train(4, root / "sp2_dp2", manifest, str(root / "rank_dump.py"), "distributed.backend=ddp",
+                "distributed.sequence_parallel_size=2")
+    ranks = [weights(out / f"rank{rank}.safetensors") for rank in range(4)]
+    for rank in range(1, 4):
+        assert_close(ranks[rank], ranks[0], 0.0, f"P=2 x dp=2 rank {rank} vs rank 0")
+    for group in ("model", "optimizer", "ema"):
+        worst = relative_diff(checkpoint(out, STEPS, group), checkpoint(reference, STEPS, group))
+        print(f"P=2 x dp=2 vs one process (2 accumulation steps), {group}: max relative diff {worst:.3g}")
+        assert worst <= 1e-5, group
+
 # ----------------------------------------------------------------------------------------------------
 # Cluster check and a 2-node launch (two torchrun agents on loopback)
 # ----------------------------------------------------------------------------------------------------
