@@ -9,6 +9,7 @@ The text encoder is not copied: the folder names it ("minilm", the pip-installed
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -74,6 +75,14 @@ def main() -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".default.tmp-", dir=parent)
     pipe.save_pretrained(tmp)
+    for component in ("transformer", "vae"):  # the training machine's paths do not belong in a shipped model
+        config_path = os.path.join(tmp, component, "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        config.pop("_name_or_path", None)
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
     if os.path.exists(args.out):
         shutil.rmtree(args.out)
     os.replace(tmp, args.out)
