@@ -25,15 +25,6 @@ from t2v.eval.retriever_train import (
 TINY = dict(sample_size=32, patch_size=8, max_frames=5, hidden_size=32, num_layers=2, num_heads=2, embed_dim=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: one thread avoids thread hand-off costs that dominate on a busy shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def retriever():
     torch.manual_seed(0)

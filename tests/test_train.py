@@ -22,15 +22,6 @@ DEBUG = str(ROOT / "configs" / "train" / "debug.yaml")
 DEBUG_VAE = str(ROOT / "configs" / "train" / "debug_vae.yaml")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one thread avoids oversubscription on small shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     """Six Shapes World clips written as mp4 with a path,caption manifest."""
