@@ -101,9 +101,6 @@ def initialize(model: nn.Module, param_groups: list[dict], make_scheduler: Calla
         raise ValueError(f"distributed.sequence_parallel_size={dc.sequence_parallel_size} with distributed.zero_stage=3: "
                          "ZeRO-3 gathers parameters in module forwards that sequence parallelism bypasses; "
                          "use zero_stage 1 or 2")
-    if dc.zero_stage == 3 and cfg.train.ema_decay > 0:
-        raise ValueError(f"train.ema_decay={cfg.train.ema_decay} with distributed.zero_stage=3: the EMA needs whole "
-                         "parameters on every rank; use zero_stage 1 or 2, or train.ema_decay=0")
     ds = fill_config(load_json(dc.deepspeed_config) if dc.deepspeed_config else {}, cfg, world_size)
     # Copies: torch optimizers adopt the group dicts, and ZeRO then swaps their params for flat partitions.
     param_groups = [dict(group, params=list(group["params"])) for group in param_groups]

@@ -451,6 +451,7 @@ def train(cfg: Config, task: Task) -> TrainState:
     engine = None
     if cfg.distributed.backend == "deepspeed":
         from t2v.parallel import deepspeed_engine
+        from t2v.parallel.zero_ema import ShardedEMA
 
         engine = deepspeed_engine.initialize(par.shard_sequence(model, cfg.distributed), groups,
                                              lambda opt: build_lr_scheduler(opt, tc), cfg, world_size)
@@ -462,7 +463,10 @@ def train(cfg: Config, task: Task) -> TrainState:
     sequence = par.sequence_parallel_module(forward_model)  # the SequenceParallelDiT inside, or None
     # DDP / ZeRO average over all ranks; a sequence-parallel group's token-shard gradients must add up: x P.
     loss_scale = par.gradient_scale(cfg.distributed)
-    ema = EMA(params, tc.ema_decay) if tc.ema_decay > 0 else None
+    ema = None
+    if tc.ema_decay > 0:  # under ZeRO the average is sharded like the fp32 masters it follows
+        ema = (ShardedEMA(engine, params, tc.ema_decay) if engine is not None
+               else EMA(params, tc.ema_decay))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     # Noise, sigmas, latent samples; reseeded per global micro-batch (par.noise_seed), so topology-free.
     generator = torch.Generator(device).manual_seed(tc.seed + rank)
@@ -492,6 +496,7 @@ def train(cfg: Config, task: Task) -> TrainState:
             model_state, opt_state = deepspeed_engine.full_state(engine, groups)
         else:
             model_state, opt_state = model.state_dict(), optimizer.state_dict()
+        ema_state = ema.state() if ema is not None else None  # collective under ZeRO
         if is_main:
             opt_tensors, opt_meta = ckpt.flatten_optimizer_state(opt_state)
             tensors = {"model": model_state, "optimizer": opt_tensors, "rng": rng_tensors}
@@ -503,8 +508,8 @@ def train(cfg: Config, task: Task) -> TrainState:
                 "task": task.state_dict(),
                 "rng": rng_meta,
             }
-            if ema is not None:
-                tensors["ema"], meta["ema"] = ema.state()
+            if ema_state is not None:
+                tensors["ema"], meta["ema"] = ema_state
             ckpt.save_checkpoint(root, state.step, tensors, meta, keep_last=tc.keep_last)
         if world_size > 1:
             dist.barrier()
@@ -515,7 +520,7 @@ def train(cfg: Config, task: Task) -> TrainState:
     def single_device():  # the model without the sequence-parallel hook, for rank 0 alone
         return sequence.detached() if sequence is not None else contextlib.nullcontext()
 
-    def ema_weights():
+    def ema_weights():  # every rank enters (collective under ZeRO), inside whole_params()
         return ema.swapped_in() if ema is not None else contextlib.nullcontext()
 
     # 3. the loop
@@ -623,10 +628,10 @@ def train(cfg: Config, task: Task) -> TrainState:
         if tc.ckpt_every and state.step % tc.ckpt_every == 0 and state.step < tc.max_steps:
             save()
         if tc.validate_every and state.step % tc.validate_every == 0:
-            with whole_params(), single_device():
+            with whole_params(), ema_weights(), single_device():
                 if is_main:
                     model.eval()
-                    with ema_weights(), torch.no_grad(), autocast(device, dtype):
+                    with torch.no_grad(), autocast(device, dtype):
                         logger.log(state.step, task.validate(model, state.step))
                     model.train()
             window["start"] = time.perf_counter()  # keep validation out of the throughput numbers
@@ -636,10 +641,10 @@ def train(cfg: Config, task: Task) -> TrainState:
     save()
     if sequence is not None:
         sequence.close()
-    with whole_params():
+    with whole_params(), ema_weights():
         if is_main:
             model.eval()
-            with ema_weights(), torch.no_grad():
+            with torch.no_grad():
                 if not (tc.validate_every and state.step % tc.validate_every == 0):
                     with autocast(device, dtype):
                         logger.log(state.step, task.validate(model, state.step))

@@ -1,0 +1,114 @@
+"""EMA of the weights under DeepSpeed ZeRO (stages 1-3), sharded like the optimizer and kept in fp32.
+
+The average runs over the optimizer's flat fp32 master partitions, so each rank averages only its own
+shard: no communication per step, 1/N of the memory, and the precision of the masters even when the module
+itself holds bf16 copies (an average of bf16 weights with decay 0.999 loses most updates to rounding).
+The decay schedule and checkpoint format are diffusers' `EMAModel`'s, as in the single-process `EMA`, so
+checkpoints move between the two.
+
+Whole tensors are needed only to save, load and swap in the average. They go through DeepSpeed's own
+per-parameter mapping (`safe_get_full_fp32_param` / `safe_set_full_fp32_param`) with the average placed
+in the master partitions for the moment, so nothing here depends on how ZeRO lays out a partition.
+`state`, `load` and `swapped_in` are collective: every rank calls them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def master_partitions(engine) -> list[torch.Tensor]:
+    """The flat fp32 master partitions this rank's optimizer steps (ZeRO-3 sub-groups or ZeRO-1/2 groups)."""
+    from t2v.parallel.deepspeed_engine import inner_optimizer
+
+    zero = engine.optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        return list(zero.fp32_partitioned_groups_flat)
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        return list(zero.single_partition_of_fp32_groups)
+    raise ValueError(f"train.ema_decay > 0 under DeepSpeed needs a ZeRO optimizer (stage 1-3), got "
+                     f"{type(zero).__name__} over {type(inner_optimizer(engine)).__name__}")
+
+
+class ShardedEMA:
+    """Same interface as `t2v.train.trainer.EMA`: step, swapped_in, state, load."""
+
+    def __init__(self, engine, params: list[tuple[str, nn.Parameter]], decay: float):
+        from diffusers.training_utils import EMAModel
+
+        self.engine = engine
+        self.names = [name for name, _ in params]
+        self.params = [p for _, p in params]
+        self.masters = master_partitions(engine)
+        # EMAModel averages only tensors that require grad: aliases of the partitions that do.
+        self.aliases = [m.detach().requires_grad_(True) for m in self.masters]
+        self.model = EMAModel(self.aliases, decay=decay, foreach=True)  # fp32 shadows, one per partition
+
+    def step(self) -> None:
+        self.model.step(self.aliases)
+
+    @contextlib.contextmanager
+    def _average_in_masters(self):
+        """Put the average into the master partitions for the block, then the trained masters back."""
+        saved = [m.detach().clone() for m in self.masters]
+        with torch.no_grad():
+            for master, shadow in zip(self.masters, self.model.shadow_params):
+                master.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for master, kept in zip(self.masters, saved):
+                    master.copy_(kept)
+
+    def full(self) -> dict[str, torch.Tensor]:
+        """Whole averaged fp32 tensors by parameter name, on every rank (collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        with self._average_in_masters():
+            return {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in zip(self.names, self.params)}
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The averaged weights in the module for the block. Under ZeRO-3 enter it inside a gather of the
+        parameters (`deepspeed_engine.gathered`), which leaves them whole on every rank."""
+        full = self.full()
+        kept = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for name, p in zip(self.names, self.params):
+                p.copy_(full[name].to(p.device, p.dtype).view_as(p))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, kept):
+                    p.copy_(value)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        meta = self.model.state_dict()
+        meta = {key: value for key, value in meta.items() if key != "shadow_params"}
+        return self.full(), meta
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        missing = sorted(set(self.names) - set(tensors))
+        if missing:
+            raise ValueError(f"checkpoint EMA lacks parameters {missing[:5]} (model or LoRA setup changed?)")
+        saved = [m.detach().clone() for m in self.masters]
+        try:
+            with torch.no_grad():
+                for name, p in zip(self.names, self.params):
+                    safe_set_full_fp32_param(p, tensors[name].to(self.masters[0].device, torch.float32))
+            shadows = [m.detach().clone() for m in self.masters]
+        finally:
+            with torch.no_grad():
+                for master, kept in zip(self.masters, saved):
+                    master.copy_(kept)
+        self.model.load_state_dict({**meta, "shadow_params": shadows})
+
+
+__all__ = ["ShardedEMA", "master_partitions"]
