@@ -177,26 +177,21 @@ class T2VPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
         return self.scheduler.timesteps
 
-    def _velocity(self, latents, t, cond: TextEmbeddings, uncond: TextEmbeddings | None, guidance_scale: float):
-        """Velocity with classifier-free guidance; cond and uncond run as one batch."""
+    def _velocity(self, latents, t, text: TextEmbeddings, guidance_scale: float | None):
+        """Velocity with classifier-free guidance (guidance_scale not None); `text` holds the uncond rows,
+        then the cond rows, so both run as one batch (`_text_batch`)."""
         dtype = self.transformer.dtype
-        if uncond is None:
-            states, mask, pooled, x = cond.states, cond.mask, cond.pooled, latents
-        else:
-            states = torch.cat([uncond.states, cond.states])
-            mask = torch.cat([uncond.mask, cond.mask])
-            pooled = torch.cat([uncond.pooled, cond.pooled])
-            x = torch.cat([latents, latents])
+        x = latents if guidance_scale is None else torch.cat([latents, latents])
         timestep = t.expand(x.shape[0]).to(dtype=torch.float32)
         v = self.transformer(
             hidden_states=x.to(dtype),
             timestep=timestep,
-            encoder_hidden_states=states.to(dtype),
-            encoder_attention_mask=mask,
-            pooled_projections=pooled.to(dtype) if self.transformer.config.pooled_dim else None,
+            encoder_hidden_states=text.states.to(dtype),
+            encoder_attention_mask=text.mask,
+            pooled_projections=text.pooled.to(dtype) if self.transformer.config.pooled_dim else None,
             return_dict=False,
         )[0].float()
-        if uncond is None:
+        if guidance_scale is None:
             return v
         v_uncond, v_cond = v.chunk(2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -272,10 +267,11 @@ class T2VPipeline(DiffusionPipeline):
         )
 
         # 5. denoise
+        text = _text_batch(cond, uncond)
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                v = self._velocity(latents, t, cond, uncond, guidance_scale)
+                v = self._velocity(latents, t, text, guidance_scale if do_cfg else None)
                 latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents}
@@ -294,6 +290,23 @@ class T2VPipeline(DiffusionPipeline):
         if not return_dict:
             return (video,)
         return T2VPipelineOutput(frames=video)
+
+
+def _text_batch(cond: TextEmbeddings, uncond: TextEmbeddings | None) -> TextEmbeddings:
+    """The text input of every denoising step, built once: the uncond rows (if any), then the cond rows;
+    cut after the last column that is a real token in some row (the columns dropped are padding everywhere,
+    so attention over them changes nothing); mask None when every remaining token is real, so that the
+    transformer's cross-attention runs unmasked (the fast SDPA kernels)."""
+    parts = [cond] if uncond is None else [uncond, cond]
+    mask = torch.cat([part.mask for part in parts])  # (B', L)
+    real = mask.any(dim=0).nonzero()
+    length = int(real.max()) + 1 if len(real) else mask.shape[1]
+    mask = mask[:, :length]
+    return TextEmbeddings(
+        states=torch.cat([part.states for part in parts])[:, :length],
+        mask=None if bool(mask.all()) else mask,
+        pooled=torch.cat([part.pooled for part in parts]),
+    )
 
 
 def _repeat(embeds: TextEmbeddings, n: int) -> TextEmbeddings:

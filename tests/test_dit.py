@@ -97,6 +97,8 @@ def test_text_conditioning_and_padding_mask(layout):
         torch.testing.assert_close(out, base)
         out = model(**kwargs).sample
         assert not torch.allclose(out, base)
+        all_real = torch.ones_like(mask)
+        torch.testing.assert_close(out, model(**kwargs, encoder_attention_mask=all_real).sample)
 
 
 def test_fully_padded_row_is_finite():
@@ -265,6 +267,14 @@ def test_attention_matches_reference_and_masks():
     scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~mask, float("-inf"))
     torch.testing.assert_close(out[0], (scores.softmax(-1) @ v)[0])
     assert torch.count_nonzero(out[1]) == 0
+    # A mask per query (not key padding): only the fully masked query row is zero.
+    rows = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    rows[0, 0, 2] = False
+    out = attention(q, k, v, rows)
+    scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~rows, float("-inf"))
+    expected = torch.nan_to_num(scores.softmax(-1)) @ v
+    torch.testing.assert_close(out, expected)
+    assert torch.count_nonzero(out[0, :, 2]) == 0 and torch.count_nonzero(out[1, :, 2]) > 0
     with pytest.raises(ValueError, match="bool"):
         attention(q, k, v, mask.float())
 

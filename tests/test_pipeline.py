@@ -198,3 +198,29 @@ def test_denoising_loop_follows_the_training_convention(pipe):
         latents = p(prompt_embeds=embeds(1.0), negative_prompt_embeds=embeds(-1.0), guidance_scale=guidance,
                     num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
         torch.testing.assert_close(latents, torch.full_like(latents, expected), atol=1e-5, rtol=0)
+
+
+def test_text_padding_is_cut_once_and_changes_nothing(pipe):
+    from pipelines.pipeline_t2v import _text_batch
+    from t2v.models.text_encoder import TextEmbeddings
+
+    embeds = pipe.encode_prompt(["a red circle", "a large blue square moving up"], "cpu")
+    negative = pipe.encode_prompt(["", ""], "cpu")
+
+    def pad(e: TextEmbeddings, extra: int) -> TextEmbeddings:  # more padding columns: zero states, mask False
+        return TextEmbeddings(states=torch.cat([e.states, e.states.new_zeros(e.states.shape[0], extra,
+                                                                              e.states.shape[2])], 1),
+                              mask=torch.cat([e.mask, e.mask.new_zeros(e.mask.shape[0], extra)], 1), pooled=e.pooled)
+
+    text = _text_batch(embeds, negative)  # uncond rows first
+    longest = int(torch.cat([negative.mask, embeds.mask]).sum(1).max())
+    assert text.states.shape[:2] == (4, longest) and text.mask.shape == (4, longest)
+    assert text.mask[:2].sum() < text.mask[2:].sum()  # the empty negative prompt keeps its padding mask
+    alone = _text_batch(TextEmbeddings(embeds.states[1:], embeds.mask[1:], embeds.pooled[1:]), None)
+    assert alone.mask is None and alone.states.shape[1] == int(embeds.mask[1].sum())  # all real: no mask
+
+    run = dict(generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=3)
+    base = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, **run).frames
+    run["generator"] = torch.Generator().manual_seed(0)
+    padded = pipe(prompt_embeds=pad(embeds, 5), negative_prompt_embeds=pad(negative, 5), **run).frames
+    torch.testing.assert_close(padded, base, atol=1e-5, rtol=1e-5)

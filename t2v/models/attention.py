@@ -77,6 +77,9 @@ def attention(
         # Rows with no key to attend to would be NaN: let them attend everywhere, then zero them.
         has_key = mask.any(dim=-1, keepdim=True)  # broadcastable to (B, heads, N_q, 1)
         mask = mask | ~has_key
+        if mask.shape[-2] == 1:  # a key-padding mask, one row for all queries: zero the values instead of
+            v = v * has_key.to(v.dtype)  # the output (N_kv x D per head rather than N_q x D)
+            has_key = None
     fn = _sdpa if backend == "sdpa" else _xformers
     out = fn(q, k, v, mask)
     if has_key is not None:

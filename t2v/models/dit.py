@@ -171,14 +171,16 @@ class CrossAttention(nn.Module):
         self.norm_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
-        # x: (B, N, D); context: (B, L, D); context_mask: (B, L) bool, True = real token
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        # x: (B, N, D); context: (B, L, D); context_mask: (B, L) bool, True = real token, or None = all real
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
         kv = rearrange(self.to_kv(context), "b l (two h d) -> two b h l d", two=2, h=self.num_heads)
         k, v = kv.unbind(0)  # each (B, heads, L, head_dim)
         q, k = self.norm_q(q).type_as(v), self.norm_k(k).type_as(v)
         # A fully padded row attends to nothing; `attention` returns zeros for it, not NaN.
-        out = attention(q, k, v, context_mask[:, None, None, :], backend=self.backend)
+        # No mask when every token is real: SDPA may then pick its flash kernel.
+        mask = None if context_mask is None else context_mask[:, None, None, :]
+        out = attention(q, k, v, mask, backend=self.backend)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -222,7 +224,7 @@ class VideoDiTBlock(nn.Module):
         self,
         x: torch.Tensor,
         context: torch.Tensor,
-        context_mask: torch.Tensor,
+        context_mask: torch.Tensor | None,
         modulation: torch.Tensor,
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
@@ -445,7 +447,7 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self,
         tokens: torch.Tensor,
         context: torch.Tensor,
-        context_mask: torch.Tensor,
+        context_mask: torch.Tensor | None,
         modulation: torch.Tensor,
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
@@ -483,8 +485,8 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None,
         pooled_projections: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate inputs; return timestep (B,) float32 and the text mask (B, L) bool."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate inputs; return timestep (B,) float32 and the text mask (B, L) bool (None: all real)."""
         config = self.config
         if hidden_states.ndim != 5:
             raise ValueError(f"hidden_states must be (B, C, T, H, W), got shape {tuple(hidden_states.shape)}")
@@ -515,7 +517,7 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
 
         if encoder_attention_mask is None:
-            mask = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device)
+            mask = None  # every text token is real
         else:
             if tuple(encoder_attention_mask.shape) != (batch, length):
                 raise ValueError(
