@@ -13,11 +13,12 @@ def load_preset(name: str) -> CausalVideoVAE:
     return CausalVideoVAE.from_config(OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{name}.yaml")))
 
 
-def tiny_vae_4x() -> CausalVideoVAE:
+def tiny_vae_4x(upsample_to_next_width: bool = False) -> CausalVideoVAE:
     """Tiny model with the real 4x temporal compression (and 4x spatial)."""
     torch.manual_seed(0)
     return CausalVideoVAE(
-        latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1, temporal_downsample=(True, True)
+        latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1, temporal_downsample=(True, True),
+        upsample_to_next_width=upsample_to_next_width,
     ).eval()
 
 
@@ -39,8 +40,9 @@ def test_shapes(frames, latent_frames):
     assert torch.isfinite(sample).all()
 
 
-def test_encoder_and_decoder_are_causal():
-    vae = tiny_vae_4x()
+@pytest.mark.parametrize("upsample_to_next_width", [False, True])
+def test_encoder_and_decoder_are_causal(upsample_to_next_width):
+    vae = tiny_vae_4x(upsample_to_next_width)
     x = video(1, 17, 16)
     for framewise in (True, False):
         vae.use_framewise_encoding = vae.use_framewise_decoding = framewise
@@ -61,8 +63,9 @@ def test_encoder_and_decoder_are_causal():
         assert (z_changed[:, :, 4] - z_all[:, :, 4]).abs().max() > 1e-3
 
 
-def test_chunked_matches_one_shot():
-    vae = tiny_vae_4x()
+@pytest.mark.parametrize("upsample_to_next_width", [False, True])
+def test_chunked_matches_one_shot(upsample_to_next_width):
+    vae = tiny_vae_4x(upsample_to_next_width)
     x = video(2, 17, 16)
     with torch.no_grad():
         vae.use_framewise_encoding = vae.use_framewise_decoding = True
@@ -161,6 +164,24 @@ def test_save_load_round_trip(tmp_path):
     x = video(1, 5, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x).sample, vae(x).sample)
+
+
+def test_upsample_to_next_width_layout(tmp_path):
+    from t2v.models.vae import ResBlock, Upsample
+
+    for flag in (False, True):
+        vae = tiny_vae_4x(flag)
+        ups = [b for b in vae.decoder.blocks if isinstance(b, Upsample)]
+        # widths (8, 8, 16) reversed: 16 -> 8 -> 8; the first upsampling is where the option differs
+        assert [u.spatial.out_channels for u in ups] == ([8, 8] if flag else [16, 8])
+        changing = [b for b in vae.decoder.blocks if isinstance(b, ResBlock) and not isinstance(b.shortcut, torch.nn.Identity)]
+        assert len(changing) == (0 if flag else 1)  # no res block left that projects its shortcut
+        with torch.no_grad():
+            assert vae.decode(torch.randn(1, 4, 2, 4, 4)).sample.shape == (1, 3, 5, 16, 16)
+    vae.save_pretrained(tmp_path)
+    loaded = CausalVideoVAE.from_pretrained(tmp_path)
+    assert loaded.config.upsample_to_next_width is True
+    assert loaded.decoder.state_dict().keys() == vae.decoder.state_dict().keys()
 
 
 def test_presets():

@@ -136,13 +136,14 @@ class Upsample(nn.Module):
     """Doubles H and W per frame; with `temporal`, maps 1 + n frames to 1 + 2n.
 
     The temporal part is a causal conv to 2x channels, unfolded into two frames per input frame; the very
-    first frame of the video keeps only the second of its pair, mirroring `Downsample`.
+    first frame of the video keeps only the second of its pair, mirroring `Downsample`. The spatial conv
+    after the nearest-neighbour doubling maps to `out_channels` (default: unchanged).
     """
 
-    def __init__(self, channels: int, temporal: bool):
+    def __init__(self, channels: int, temporal: bool, out_channels: int | None = None):
         super().__init__()
         self.temporal = CausalConv3d(channels, channels * 2, (3, 1, 1)) if temporal else None
-        self.spatial = nn.Conv2d(channels, channels, 3, padding=1)
+        self.spatial = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
         batch = x.shape[0]
@@ -153,7 +154,7 @@ class Upsample(nn.Module):
                 x = x[:, :, 1:]  # (B, C, 2T - 1, H, W)
         h = rearrange(x, "b c t h w -> (b t) c h w")
         h = self.spatial(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return rearrange(h, "(b t) c h w -> b c t h w", b=batch)  # (B, C, T', 2H, 2W)
+        return rearrange(h, "(b t) c h w -> b c t h w", b=batch)  # (B, C_out, T', 2H, 2W)
 
 
 def _mid_blocks(channels: int, attention: bool) -> list[nn.Module]:
@@ -202,21 +203,30 @@ class Encoder(_CausalStack):
 
 
 class Decoder(_CausalStack):
-    """Mirror of `Encoder` with layers_per_block + 1 res blocks per level (as Wan / diffusers decoders)."""
+    """Mirror of `Encoder` with layers_per_block + 1 res blocks per level (as Wan / diffusers decoders).
+
+    With `upsample_to_next_width` each upsampling conv maps straight to the next level's width (as Wan's
+    `Resample` does), so that level's first res block runs at its own width with no shortcut projection:
+    fewer FLOPs at the doubled resolution. Otherwise the upsampling keeps the width and the next res
+    block changes it (the layout of checkpoints made before the option existed).
+    """
 
     def __init__(self, in_channels, out_channels, block_out_channels, layers_per_block, temporal_downsample,
-                 mid_attention):
+                 mid_attention, upsample_to_next_width=False):
         super().__init__()
-        channels = block_out_channels[-1]
+        widths = tuple(reversed(block_out_channels))
+        channels = widths[0]
         self.conv_in = CausalConv3d(in_channels, channels, 3)
         blocks = _mid_blocks(channels, mid_attention)
         temporal_upsample = tuple(reversed(temporal_downsample))
-        for level, level_channels in enumerate(reversed(block_out_channels)):
+        for level, level_channels in enumerate(widths):
             for _ in range(layers_per_block + 1):
                 blocks.append(ResBlock(channels, level_channels))
                 channels = level_channels
-            if level < len(block_out_channels) - 1:
-                blocks.append(Upsample(channels, temporal_upsample[level]))
+            if level < len(widths) - 1:
+                next_width = widths[level + 1] if upsample_to_next_width else channels
+                blocks.append(Upsample(channels, temporal_upsample[level], next_width))
+                channels = next_width
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = ChannelRMSNorm(channels)
         self.conv_out = CausalConv3d(channels, out_channels, 3)
@@ -270,6 +280,9 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
     chunk; decode one latent frame at a time) when `use_framewise_encoding` / `use_framewise_decoding` are
     True (the default); set them False, or call `train()`, for one pass. `enable_tiling(...)` and
     `enable_slicing()` add spatial tiles and one-sample-at-a-time batches.
+
+    `upsample_to_next_width=True` makes each decoder upsampling conv change the width (see `Decoder`); the
+    default keeps the parameter layout of earlier checkpoints.
     """
 
     _supports_gradient_checkpointing = True
@@ -287,6 +300,7 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         mid_attention: bool = True,
         scaling_factor: float = 1.0,
         shift_factor: float = 0.0,
+        upsample_to_next_width: bool = False,
     ):
         super().__init__()
         block_out_channels, temporal_downsample = tuple(block_out_channels), tuple(temporal_downsample)
@@ -307,7 +321,7 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         arch = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block,
                     temporal_downsample=temporal_downsample, mid_attention=mid_attention)
         self.encoder = Encoder(in_channels, 2 * latent_channels, **arch)  # moments: mean and log-variance
-        self.decoder = Decoder(latent_channels, out_channels, **arch)
+        self.decoder = Decoder(latent_channels, out_channels, **arch, upsample_to_next_width=upsample_to_next_width)
 
         self.use_framewise_encoding = True
         self.use_framewise_decoding = True
