@@ -239,6 +239,31 @@ def test_zero3_with_cpu_offload_matches_one_process(workdir, reference):
     for group in ("model", "optimizer", "ema"):
         assert_close(checkpoint(out, STEPS, group), checkpoint(reference, STEPS, group), 1e-5, f"offload {group}")
 
+def test_zero_ema_refuses_what_it_cannot_follow(tmp_path):
+    from types import SimpleNamespace
+
+    from t2v.config import load_config
+    from t2v.parallel.deepspeed_engine import initialize
+    from t2v.parallel.zero_ema import master_partitions
+
+    checks = tmp_path / "zero3_checks.json"
+    checks.write_text(json.dumps({"zero_optimization": {"stage": 3, "enable_sanity_checks": True}}))
+    cfg = load_config(DEBUG, ["distributed.backend=deepspeed", "distributed.zero_stage=3",
+                              f"distributed.deepspeed_config={checks}"])
+    with pytest.raises(ValueError, match="enable_sanity_checks"):
+        initialize(None, [], None, cfg, 2)
+    nvme = SimpleNamespace(swap_optimizer=True, fp32_partitioned_groups_flat=[torch.empty(0)])
+    with pytest.raises(ValueError, match="NVMe"):
+        master_partitions(SimpleNamespace(optimizer=nvme))
+    empty = SimpleNamespace(single_partition_of_fp32_groups=[torch.zeros(4), torch.empty(0)])
+    with pytest.raises(ValueError, match="empty"):
+        master_partitions(SimpleNamespace(optimizer=empty))
+    bf16 = SimpleNamespace(fp32_groups_flat_partition=[torch.zeros(3)])  # DeepSpeed's BF16_Optimizer
+    assert master_partitions(SimpleNamespace(optimizer=bf16)) == bf16.fp32_groups_flat_partition
+    with pytest.raises(ValueError, match="needs a ZeRO optimizer"):
+        master_partitions(SimpleNamespace(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)))
+
+
 def test_deepspeed_config_auto_values_and_conflicts():
     from t2v.config import load_config
     from t2v.parallel.deepspeed_engine import fill_config, load_json

@@ -102,6 +102,10 @@ def initialize(model: nn.Module, param_groups: list[dict], make_scheduler: Calla
                          "ZeRO-3 gathers parameters in module forwards that sequence parallelism bypasses; "
                          "use zero_stage 1 or 2")
     ds = fill_config(load_json(dc.deepspeed_config) if dc.deepspeed_config else {}, cfg, world_size)
+    if dc.zero_stage == 3 and cfg.train.ema_decay > 0 and ds["zero_optimization"].get("enable_sanity_checks"):
+        raise ValueError("train.ema_decay > 0 with ZeRO-3 \"enable_sanity_checks\": swapping the average into the "
+                         "gathered parameters for validation and export is an in-place change the checks refuse; "
+                         "turn the checks off or set train.ema_decay=0")
     # Copies: torch optimizers adopt the group dicts, and ZeRO then swaps their params for flat partitions.
     param_groups = [dict(group, params=list(group["params"])) for group in param_groups]
     if "optimizer" in ds:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -25,12 +26,22 @@ def master_partitions(engine) -> list[torch.Tensor]:
     from t2v.parallel.deepspeed_engine import inner_optimizer
 
     zero = engine.optimizer
+    if getattr(zero, "swap_optimizer", False):
+        raise ValueError("train.ema_decay > 0 with optimizer states offloaded to NVMe: the fp32 masters the EMA "
+                         "follows are swapped out of memory; offload to \"cpu\" or set train.ema_decay=0")
     if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        return list(zero.fp32_partitioned_groups_flat)
-    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
-        return list(zero.single_partition_of_fp32_groups)
-    raise ValueError(f"train.ema_decay > 0 under DeepSpeed needs a ZeRO optimizer (stage 1-3), got "
-                     f"{type(zero).__name__} over {type(inner_optimizer(engine)).__name__}")
+        masters = list(zero.fp32_partitioned_groups_flat)
+    elif hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        masters = list(zero.single_partition_of_fp32_groups)
+    elif hasattr(zero, "fp32_groups_flat_partition"):  # BF16_Optimizer (bf16 with fp32 gradient accumulation)
+        masters = list(zero.fp32_groups_flat_partition)
+    else:
+        raise ValueError(f"train.ema_decay > 0 under DeepSpeed needs a ZeRO optimizer (stage 1-3), got "
+                         f"{type(zero).__name__} over {type(inner_optimizer(engine)).__name__}")
+    if any(m.numel() == 0 for m in masters):
+        raise ValueError("train.ema_decay > 0: an fp32 master partition is empty (swapped out?); the EMA needs "
+                         "the masters in memory")
+    return masters
 
 
 class ShardedEMA:
@@ -43,12 +54,16 @@ class ShardedEMA:
         self.names = [name for name, _ in params]
         self.params = [p for _, p in params]
         self.masters = master_partitions(engine)
-        # EMAModel averages only tensors that require grad: aliases of the partitions that do.
-        self.aliases = [m.detach().requires_grad_(True) for m in self.masters]
-        self.model = EMAModel(self.aliases, decay=decay, foreach=True)  # fp32 shadows, one per partition
+        self.model = EMAModel(self._aliases(), decay=decay, foreach=True)  # fp32 shadows, one per partition
+        self.keep_whole = not dist.is_initialized() or dist.get_rank() == 0  # only rank 0 writes checkpoints
+
+    def _aliases(self) -> list[torch.Tensor]:
+        # EMAModel averages only tensors that require grad: fresh aliases of the partitions each time, so a
+        # partition whose storage DeepSpeed replaced is never read through a stale view.
+        return [m.detach().requires_grad_(True) for m in self.masters]
 
     def step(self) -> None:
-        self.model.step(self.aliases)
+        self.model.step(self._aliases())
 
     @contextlib.contextmanager
     def _average_in_masters(self):
@@ -64,30 +79,42 @@ class ShardedEMA:
                 for master, kept in zip(self.masters, saved):
                     master.copy_(kept)
 
-    def full(self) -> dict[str, torch.Tensor]:
-        """Whole averaged fp32 tensors by parameter name, on every rank (collective)."""
+    def full(self) -> dict[str, torch.Tensor] | None:
+        """Whole averaged fp32 tensors by parameter name, on the CPU of rank 0; None on the other ranks, which
+        take part in the gathers only (collective)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        whole = {}
         with self._average_in_masters():
-            return {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in zip(self.names, self.params)}
+            for name, p in zip(self.names, self.params):
+                value = safe_get_full_fp32_param(p)
+                if self.keep_whole:
+                    whole[name] = value.detach().cpu().clone()
+        return whole if self.keep_whole else None
+
+    def _masters_to_module(self) -> None:
+        """Copy what the master partitions hold into the module's whole parameters, one at a time (collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(safe_get_full_fp32_param(p).to(p.device, p.dtype).view_as(p))
 
     @contextlib.contextmanager
     def swapped_in(self):
         """The averaged weights in the module for the block. Under ZeRO-3 enter it inside a gather of the
-        parameters (`deepspeed_engine.gathered`), which leaves them whole on every rank."""
-        full = self.full()
-        kept = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for name, p in zip(self.names, self.params):
-                p.copy_(full[name].to(p.device, p.dtype).view_as(p))
+        parameters (`deepspeed_engine.gathered`), which leaves them whole on every rank. Afterwards the
+        module gets its weights back from the trained masters (the module's copies are the masters cast to
+        its dtype, so nothing is kept on the side)."""
+        with self._average_in_masters():
+            self._masters_to_module()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, value in zip(self.params, kept):
-                    p.copy_(value)
+            self._masters_to_module()
 
-    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+    def state(self) -> tuple[dict[str, torch.Tensor] | None, dict]:
+        """(whole averaged tensors on rank 0, None elsewhere; EMAModel's settings and step) (collective)."""
         meta = self.model.state_dict()
         meta = {key: value for key, value in meta.items() if key != "shadow_params"}
         return self.full(), meta
