@@ -50,7 +50,6 @@ class ShardedEMA:
     def __init__(self, engine, params: list[tuple[str, nn.Parameter]], decay: float):
         from diffusers.training_utils import EMAModel
 
-        self.engine = engine
         self.names = [name for name, _ in params]
         self.params = [p for _, p in params]
         self.masters = master_partitions(engine)
@@ -66,18 +65,24 @@ class ShardedEMA:
         self.model.step(self._aliases())
 
     @contextlib.contextmanager
-    def _average_in_masters(self):
-        """Put the average into the master partitions for the block, then the trained masters back."""
+    def _masters_restored(self):
+        """Whatever the block writes into the master partitions, the trained masters are back after it."""
         saved = [m.detach().clone() for m in self.masters]
-        with torch.no_grad():
-            for master, shadow in zip(self.masters, self.model.shadow_params):
-                master.copy_(shadow)
         try:
             yield
         finally:
             with torch.no_grad():
                 for master, kept in zip(self.masters, saved):
                     master.copy_(kept)
+
+    @contextlib.contextmanager
+    def _average_in_masters(self):
+        """The average in the master partitions for the block."""
+        with self._masters_restored():
+            with torch.no_grad():
+                for master, shadow in zip(self.masters, self.model.shadow_params):
+                    master.copy_(shadow)
+            yield
 
     def full(self) -> dict[str, torch.Tensor] | None:
         """Whole averaged fp32 tensors by parameter name, on the CPU of rank 0; None on the other ranks, which
@@ -125,16 +130,10 @@ class ShardedEMA:
         missing = sorted(set(self.names) - set(tensors))
         if missing:
             raise ValueError(f"checkpoint EMA lacks parameters {missing[:5]} (model or LoRA setup changed?)")
-        saved = [m.detach().clone() for m in self.masters]
-        try:
-            with torch.no_grad():
-                for name, p in zip(self.names, self.params):
-                    safe_set_full_fp32_param(p, tensors[name].to(self.masters[0].device, torch.float32))
+        with self._masters_restored(), torch.no_grad():  # the masters carry the average for a moment
+            for name, p in zip(self.names, self.params):
+                safe_set_full_fp32_param(p, tensors[name].to(self.masters[0].device, torch.float32))
             shadows = [m.detach().clone() for m in self.masters]
-        finally:
-            with torch.no_grad():
-                for master, kept in zip(self.masters, saved):
-                    master.copy_(kept)
         self.model.load_state_dict({**meta, "shadow_params": shadows})
 
 
