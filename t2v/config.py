@@ -181,6 +181,9 @@ class FlowConfig:
 class VAELossConfig:
     reconstruction: str = "l1"  # l1 | l2
     temporal_weight: float = 0.5  # weight of the frame-difference reconstruction term
+    # Weight of the spatial-gradient term: the same distance between horizontal and vertical pixel
+    # differences of reconstruction and input (a gradient-difference loss), which penalises blurred edges.
+    spatial_weight: float = 0.0
     kl_weight: float = 1e-6
     # Hard-pixel term: mean error of the worst `hard_pixel_fraction` of pixels per sample, times its weight.
     # Small objects cover a few percent of a frame; without it the loss is mostly background.
@@ -191,9 +194,10 @@ class VAELossConfig:
 
     def __post_init__(self):
         _check_choice("vae_loss.reconstruction", self.reconstruction, RECONSTRUCTION_LOSSES)
-        if self.temporal_weight < 0 or self.kl_weight < 0:
+        if self.temporal_weight < 0 or self.kl_weight < 0 or self.spatial_weight < 0:
             raise ValueError(
-                f"vae_loss weights temporal_weight={self.temporal_weight}, kl_weight={self.kl_weight} must be >= 0"
+                f"vae_loss weights temporal_weight={self.temporal_weight}, kl_weight={self.kl_weight}, "
+                f"spatial_weight={self.spatial_weight} must be >= 0"
             )
         if self.hard_pixel_weight < 0 or not 0 < self.hard_pixel_fraction <= 1:
             raise ValueError(

@@ -441,6 +441,24 @@ def test_vae_shapes_stream_with_image_batches(tmp_path):
     assert shapes == {(2, 3, 1, 64, 64), (2, 3, 17, 64, 64)}
 
 
+def test_vae_spatial_gradient_term(tmp_path):
+    from t2v.train.vae import VAETask
+
+    cfg = load_config(DEBUG_VAE, [f"output_dir={tmp_path}", "data.source=shapes", "data.frames=17", "data.height=64",
+                                  "data.width=64", "vae_loss.spatial_weight=2.0"])
+    task = VAETask(cfg)
+    batch = task.next_batch()
+    generator = torch.Generator().manual_seed(0)
+    out = task.loss(task.model, batch, generator)
+    m = out.metrics
+    assert m["spatial"] > 0
+    expected = (m["reconstruction"] + cfg.vae_loss.temporal_weight * m["temporal"] + 2.0 * m["spatial"]
+                + cfg.vae_loss.kl_weight * m["kl"] + cfg.vae_loss.hard_pixel_weight * m["hard_pixel"])
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="spatial_weight=-1.0"):
+        load_config(DEBUG_VAE, ["vae_loss.spatial_weight=-1.0"])
+
+
 def test_validation_logs_retrieval_metrics_with_a_scorer(tmp_path, manifest):
     from t2v.eval.retriever import VideoEncoder, VideoTextRetriever
     from t2v.train.dit import train_dit

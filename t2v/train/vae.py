@@ -1,4 +1,5 @@
-"""The VAE task: reconstruction + temporal-difference + KL, on video and 1-frame (image) batches.
+"""The VAE task: reconstruction + temporal-difference (+ spatial-gradient, hard-pixel) + KL, on video and
+1-frame (image) batches.
 
 Reports PSNR and SSIM on held-out clips; at the end sets `scaling_factor` / `shift_factor` from the
 latents of a few batches (normalised latents get zero mean and unit std) and saves the VAE with
@@ -161,16 +162,22 @@ class VAETask:
             temporal = distance(recon.diff(dim=2), x.diff(dim=2))
         else:
             temporal = torch.zeros((), device=x.device)
+        if lc.spatial_weight > 0:  # edges: match horizontal and vertical pixel differences
+            spatial = distance(recon.diff(dim=-1), x.diff(dim=-1)) + distance(recon.diff(dim=-2), x.diff(dim=-2))
+        else:
+            spatial = torch.zeros((), device=x.device)
         kl = gaussian_kl(posterior.mean, posterior.logvar)
         hard = hard_pixel_error(recon, x, lc.hard_pixel_fraction) if lc.hard_pixel_weight > 0 else torch.zeros(
             (), device=x.device)
-        loss = reconstruction + lc.temporal_weight * temporal + lc.kl_weight * kl + lc.hard_pixel_weight * hard
+        loss = (reconstruction + lc.temporal_weight * temporal + lc.spatial_weight * spatial + lc.kl_weight * kl
+                + lc.hard_pixel_weight * hard)
         _, _, frames, height, width = z.shape
         return trainer.StepOutput(
             loss=loss,
             samples=x.shape[0],
             tokens=x.shape[0] * frames * height * width,
-            metrics={"reconstruction": reconstruction.item(), "temporal": temporal.item(), "kl": kl.item(),
+            metrics={"reconstruction": reconstruction.item(), "temporal": temporal.item(),
+                     "spatial": spatial.item(), "kl": kl.item(),
                      "hard_pixel": hard.item(),
                      "image_batch": float(x.shape[2] == 1)},
         )
