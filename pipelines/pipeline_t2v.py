@@ -177,18 +177,19 @@ class T2VPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
         return self.scheduler.timesteps
 
-    def _velocity(self, latents, t, text: TextEmbeddings, guidance_scale: float | None):
-        """Velocity with classifier-free guidance (guidance_scale not None); `text` holds the uncond rows,
-        then the cond rows, so both run as one batch (`_text_batch`)."""
+    def _velocity(self, latents, t, text: tuple, guidance_scale: float | None):
+        """Velocity with classifier-free guidance (guidance_scale not None). `text` is (states, mask or None,
+        pooled) from `_text_batch`: the uncond rows, then the cond rows, so both run as one batch."""
+        states, mask, pooled = text
         dtype = self.transformer.dtype
         x = latents if guidance_scale is None else torch.cat([latents, latents])
         timestep = t.expand(x.shape[0]).to(dtype=torch.float32)
         v = self.transformer(
             hidden_states=x.to(dtype),
             timestep=timestep,
-            encoder_hidden_states=text.states.to(dtype),
-            encoder_attention_mask=text.mask,
-            pooled_projections=text.pooled.to(dtype) if self.transformer.config.pooled_dim else None,
+            encoder_hidden_states=states.to(dtype),
+            encoder_attention_mask=mask,
+            pooled_projections=pooled.to(dtype) if self.transformer.config.pooled_dim else None,
             return_dict=False,
         )[0].float()
         if guidance_scale is None:
@@ -292,21 +293,25 @@ class T2VPipeline(DiffusionPipeline):
         return T2VPipelineOutput(frames=video)
 
 
-def _text_batch(cond: TextEmbeddings, uncond: TextEmbeddings | None) -> TextEmbeddings:
-    """The text input of every denoising step, built once: the uncond rows (if any), then the cond rows;
-    cut after the last column that is a real token in some row (the columns dropped are padding everywhere,
-    so attention over them changes nothing); mask None when every remaining token is real, so that the
-    transformer's cross-attention runs unmasked (the fast SDPA kernels)."""
+def _text_batch(cond: TextEmbeddings, uncond: TextEmbeddings | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The text input of every denoising step, built once: (states (B', L', D), mask (B', L') or None, pooled)
+    with the uncond rows (if any), then the cond rows. Cut after the last column that is a real token in
+    some row (the columns dropped are padding everywhere, so attention over them changes nothing); mask None
+    when every remaining token is real, so that cross-attention runs unmasked (the fast SDPA kernels)."""
     parts = [cond] if uncond is None else [uncond, cond]
-    mask = torch.cat([part.mask for part in parts])  # (B', L)
+    mask = torch.cat([_mask(part) for part in parts])  # (B', L)
     real = mask.any(dim=0).nonzero()
     length = int(real.max()) + 1 if len(real) else mask.shape[1]
     mask = mask[:, :length]
-    return TextEmbeddings(
-        states=torch.cat([part.states for part in parts])[:, :length],
-        mask=None if bool(mask.all()) else mask,
-        pooled=torch.cat([part.pooled for part in parts]),
-    )
+    states = torch.cat([part.states for part in parts])[:, :length]
+    return states, None if bool(mask.all()) else mask, torch.cat([part.pooled for part in parts])
+
+
+def _mask(embeds: TextEmbeddings) -> torch.Tensor:
+    """The (B, L) bool mask; a missing one means every token is real."""
+    if embeds.mask is None:
+        return torch.ones(embeds.states.shape[:2], dtype=torch.bool, device=embeds.states.device)
+    return embeds.mask.bool()
 
 
 def _repeat(embeds: TextEmbeddings, n: int) -> TextEmbeddings:
@@ -314,7 +319,7 @@ def _repeat(embeds: TextEmbeddings, n: int) -> TextEmbeddings:
         return embeds
     return TextEmbeddings(
         states=embeds.states.repeat_interleave(n, dim=0),
-        mask=embeds.mask.repeat_interleave(n, dim=0),
+        mask=_mask(embeds).repeat_interleave(n, dim=0),
         pooled=embeds.pooled.repeat_interleave(n, dim=0),
     )
 

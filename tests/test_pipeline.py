@@ -212,15 +212,28 @@ def test_text_padding_is_cut_once_and_changes_nothing(pipe):
                                                                               e.states.shape[2])], 1),
                               mask=torch.cat([e.mask, e.mask.new_zeros(e.mask.shape[0], extra)], 1), pooled=e.pooled)
 
-    text = _text_batch(embeds, negative)  # uncond rows first
+    states, mask, _ = _text_batch(embeds, negative)  # uncond rows first
     longest = int(torch.cat([negative.mask, embeds.mask]).sum(1).max())
-    assert text.states.shape[:2] == (4, longest) and text.mask.shape == (4, longest)
-    assert text.mask[:2].sum() < text.mask[2:].sum()  # the empty negative prompt keeps its padding mask
-    alone = _text_batch(TextEmbeddings(embeds.states[1:], embeds.mask[1:], embeds.pooled[1:]), None)
-    assert alone.mask is None and alone.states.shape[1] == int(embeds.mask[1].sum())  # all real: no mask
+    assert states.shape[:2] == (4, longest) and mask.shape == (4, longest)
+    assert mask[:2].sum() < mask[2:].sum()  # the empty negative prompt keeps its padding mask
+    states, mask, _ = _text_batch(TextEmbeddings(embeds.states[1:], embeds.mask[1:], embeds.pooled[1:]), None)
+    assert mask is None and states.shape[1] == int(embeds.mask[1].sum())  # all real: no mask
 
     run = dict(generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=3)
     base = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, **run).frames
     run["generator"] = torch.Generator().manual_seed(0)
     padded = pipe(prompt_embeds=pad(embeds, 5), negative_prompt_embeds=pad(negative, 5), **run).frames
     torch.testing.assert_close(padded, base, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_embeds_without_a_mask_mean_all_tokens_real(pipe):
+    from t2v.models.text_encoder import TextEmbeddings
+
+    embeds = pipe.encode_prompt(["a red circle"], "cpu")
+    length = int(embeds.mask.sum())  # user embeddings of the real tokens only, with or without a mask
+    real = TextEmbeddings(embeds.states[:, :length], embeds.mask[:, :length], embeds.pooled)
+    unmasked = TextEmbeddings(real.states, None, real.pooled)
+    run = dict(output_type="latent", num_inference_steps=2, num_videos_per_prompt=2, guidance_scale=1.0)
+    a = pipe(prompt_embeds=real, generator=torch.Generator().manual_seed(0), **run)
+    b = pipe(prompt_embeds=unmasked, generator=torch.Generator().manual_seed(0), **run)
+    torch.testing.assert_close(b.frames, a.frames)

@@ -26,7 +26,7 @@ TINY_RANDOM = "tiny-random"
 @dataclass
 class TextEmbeddings:
     states: torch.Tensor  # (B, L, D) per-token hidden states, zero at padding
-    mask: torch.Tensor | None  # (B, L) bool, True for real tokens (None: every token is real)
+    mask: torch.Tensor  # (B, L) bool, True for real tokens
     pooled: torch.Tensor  # (B, Dp) one vector per prompt
 
 
