@@ -375,6 +375,41 @@ def test_dit_trains_from_a_latent_cache_and_refuses_a_stale_one(tmp_path, manife
                              "train.seed=1"))
 
 
+def test_synthetic_cache_trains_with_its_vae_and_text_encoder(tmp_path):
+    """scripts/make_synthetic_cache.py: a T5-shaped random text encoder, a cache the trainer accepts, a few steps."""
+    import subprocess
+    import sys
+
+    from t2v.data.cache import LatentCache
+    from t2v.models.text_encoder import TextEmbedder
+
+    out = tmp_path / "synthetic"
+    cmd = [sys.executable, str(ROOT / "scripts" / "make_synthetic_cache.py"), "--out", str(out), "--vae", "tiny",
+           "--text-dim", "16", "--max-length", "48", "--caption-chars", "30", "--num", "5", "--shard-size", "3",
+           "--frames", "5", "--height", "32", "--width", "32"]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    text = TextEmbedder.from_pretrained(str(out / "text_encoder"), max_length=48)
+    assert text.encoder.config.model_type == "t5" and text.dim == 16
+    emb = text(["clip 1: a camera"])
+    assert emb.mask.sum().item() == len("clip1:acamera")  # one token per character, spaces dropped
+    cache = LatentCache(str(out / "cache"))
+    assert len(cache) == 5 and cache.row(4)["latent_mean"].shape == (4, 3, 16, 16)
+    assert cache.row(4)["text_states"].shape == (48, 16)
+
+    run = tmp_path / "run"
+    cfg = load_config(DEBUG, [f"output_dir={run}", "data.source=cache", f"data.cache={out / 'cache'}",
+                              f"model.vae={out / 'vae'}", f"model.text_encoder={out / 'text_encoder'}",
+                              "model.max_text_length=48", "train.max_steps=2", "train.log_every=1",
+                              "train.validate_every=0", "train.ckpt_every=0"])
+    from t2v.train.dit import DiTTask
+
+    trainer.train(cfg, DiTTask(cfg))
+    losses = [row["loss"] for row in read_metrics(str(run)) if "loss" in row]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # never over an existing cache
+    assert again.returncode != 0 and "exists; give an empty --out" in again.stderr
+
+
 # ----------------------------------------------------------------------------------------------------
 # VAE task
 # ----------------------------------------------------------------------------------------------------

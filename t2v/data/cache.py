@@ -171,8 +171,7 @@ def write_cache(
     vae_dtype = next(vae.parameters()).dtype
 
     if rank == 0:
-        empty = {key: value[0] for key, value in _encode_text(text_embedder, [""], dtype).items()}
-        _save_atomic(empty, os.path.join(out_dir, EMPTY_FILE), {"fingerprint": fingerprint_dict})
+        save_empty_caption(out_dir, text_embedder, fingerprint, dtype)
 
     mine = shard_ranges(len(rows), shard_size)[rank::world_size]
     for start, end in tqdm(mine, desc=f"shards (rank {rank})", disable=not progress):
@@ -199,8 +198,21 @@ def write_cache(
                 captions[str(index)] = batch["caption"][b]
                 for key, value in encoded.items():
                     tensors[f"{index}.{key}"] = value[b].clone()
-        _save_atomic(tensors, path, {"fingerprint": fingerprint_dict, "captions": captions, "skipped": skipped})
+        save_shard(out_dir, start, end, tensors, captions, fingerprint, skipped)
     return fingerprint
+
+
+def save_empty_caption(out_dir: str, text_embedder, fingerprint: CacheFingerprint, dtype: torch.dtype) -> None:
+    """Write the embedding of the caption "" (used for caption dropout)."""
+    empty = {key: value[0] for key, value in _encode_text(text_embedder, [""], dtype).items()}
+    _save_atomic(empty, os.path.join(out_dir, EMPTY_FILE), {"fingerprint": asdict(fingerprint)})
+
+
+def save_shard(out_dir: str, start: int, end: int, tensors: dict[str, torch.Tensor], captions: dict[str, str],
+               fingerprint: CacheFingerprint, skipped: dict[str, int] | None = None) -> None:
+    """Write the shard of rows [start, end): tensors "{row}.{key}" for the SAMPLE_KEYS, captions {"row": text}."""
+    info = {"fingerprint": asdict(fingerprint), "captions": captions, "skipped": dict(skipped or {})}
+    _save_atomic(tensors, os.path.join(out_dir, shard_name(start, end)), info)
 
 
 def finalize_cache(out_dir: str, num_rows: int, shard_size: int = 256, wait_seconds: float = 0.0) -> dict:
