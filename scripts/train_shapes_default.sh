@@ -29,7 +29,7 @@ if [ ! -f "$RUN/dit/pipeline/model_index.json" ]; then
   python scripts/train.py --config configs/train/shapes_dit.yaml output_dir="$RUN/dit" model.vae="$RUN/vae/vae" \
     resume=latest ${DIT_ARGS:-}
 fi
-if [ ! -f "$RUN/retriever/model/config.json" ]; then
+if [ ! -f "$RUN/retriever/model/retriever.json" ]; then
   echo "[shapes] 4/5 retriever"
   python scripts/train_retriever.py --config configs/retriever/shapes.yaml output_dir="$RUN/retriever" \
     device="$DEVICE" ${RETRIEVER_ARGS:-}
