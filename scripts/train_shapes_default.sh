@@ -6,7 +6,7 @@
 # used as the evaluation judge, 5. the fp16 pipeline folder (DiT + fine-tuned decoder) in
 # t2v/assets/default_model (SHIP=0 skips it). Each stage resumes from its last checkpoint when rerun,
 # and a finished stage is skipped. Extra key=value overrides per stage: VAE_ARGS, DECODER_ARGS, DIT_ARGS,
-# RETRIEVER_ARGS.
+# RETRIEVER_ARGS. RETRIEVER=0 skips stage 4.
 # Runs on CUDA when available (minutes on one H100), otherwise on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ if [ ! -f "$RUN/dit/pipeline/model_index.json" ]; then
   python scripts/train.py --config configs/train/shapes_dit.yaml output_dir="$RUN/dit" model.vae="$RUN/vae/vae" \
     resume=latest ${DIT_ARGS:-}
 fi
-if [ ! -f "$RUN/retriever/model/retriever.json" ]; then
+if [ "${RETRIEVER:-1}" = "1" ] && [ ! -f "$RUN/retriever/model/retriever.json" ]; then
   echo "[shapes] 4/5 retriever"
   python scripts/train_retriever.py --config configs/retriever/shapes.yaml output_dir="$RUN/retriever" \
     device="$DEVICE" ${RETRIEVER_ARGS:-}
@@ -37,6 +37,8 @@ fi
 if [ "${SHIP:-1}" = "1" ]; then
   echo "[shapes] 5/5 ship"
   python scripts/ship_default.py --pipeline "$RUN/dit/pipeline" --vae "$RUN/vae_decoder/vae" --out t2v/assets/default_model
-  rm -rf t2v/assets/shapes_retriever && cp -r "$RUN/retriever/model" t2v/assets/shapes_retriever
+  if [ -f "$RUN/retriever/model/retriever.json" ]; then
+    rm -rf t2v/assets/shapes_retriever && cp -r "$RUN/retriever/model" t2v/assets/shapes_retriever
+  fi
 fi
 echo "[shapes] done"

@@ -1,5 +1,6 @@
 """The shipped default model loads offline and makes a Shapes World video; the README's command works."""
 
+import json
 import re
 import shlex
 import subprocess
@@ -45,3 +46,19 @@ def test_readme_generate_command(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "00000.mp4").stat().st_size > 0
     assert (tmp_path / "manifest.jsonl").exists()
+
+
+def test_quick_eval_script_reads_back_every_category(tmp_path):
+    """scripts/quick_eval_shapes.py on the shipped model (2 steps: the figures mean nothing, the plumbing runs)."""
+    out = tmp_path / "quick.json"
+    cmd = [sys.executable, "scripts/quick_eval_shapes.py", "--model", t2v.DEFAULT_MODEL, "--per-category", "1",
+           "--steps", "2", "--guidance", "1", "5", "--batch-size", "3", "--device", "cpu", "--json", str(out)]
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["steps"] == 2 and set(result) >= {"guidance_1", "guidance_5"}
+    for guidance in ("guidance_1", "guidance_5"):
+        scores = {key: value for key, value in result[guidance].items() if key != "seconds"}
+        assert set(scores) == {"seen", "heldout", "paraphrase", "two_object"}
+        for accuracy in scores.values():
+            assert set(accuracy) == {"background", "colour", "shape", "size", "motion", "all"}
+            assert all(0.0 <= value <= 1.0 for value in accuracy.values())

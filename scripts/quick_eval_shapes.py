@@ -1,0 +1,71 @@
+"""Shapes World read-back of a pipeline's generations, in memory: no video files, no codec, no retriever.
+
+    python scripts/quick_eval_shapes.py --model t2v/assets/default_model --per-category 32 --json out.json
+
+Generates one video per prompt of `make_prompts(seed, per_category)` (seeds seed, seed + 1, ...) for each
+guidance scale, reads the attributes back from the frames and writes per-category accuracy. A quick check
+for a freshly trained model (e.g. on a machine without ffmpeg); the full evaluation with retrieval metrics
+is scripts/evaluate.py.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `t2v`, `pipelines`
+from t2v.data.shapes import make_prompts  # noqa: E402
+from t2v.eval.shapes_readback import attribute_accuracy  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="pipeline folder")
+    parser.add_argument("--per-category", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[None], help="default: the model's")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args()
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size {args.batch_size} must be at least 1")
+
+    from pipelines import T2VPipeline
+
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    pipe = T2VPipeline.from_pretrained(args.model, torch_dtype=dtype).to(args.device)
+    defaults = pipe.config.generation_defaults
+    steps = args.steps or defaults["num_inference_steps"]
+    rows = make_prompts(args.seed, args.per_category)
+    result = {"model": args.model, "per_category": args.per_category, "steps": steps, "device": args.device}
+    for guidance in args.guidance:
+        guidance = defaults["guidance_scale"] if guidance is None else guidance
+        start, videos = time.perf_counter(), []
+        for b in range(0, len(rows), args.batch_size):
+            batch = rows[b : b + args.batch_size]
+            generators = [torch.Generator("cpu").manual_seed(args.seed + b + i) for i in range(len(batch))]
+            frames = pipe(prompt=[row["prompt"] for row in batch], num_inference_steps=steps, guidance_scale=guidance,
+                          generator=generators, output_type="np").frames  # (B, F, H, W, 3) in [0, 1]
+            videos.extend((np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8))
+        scores = {}
+        for category in dict.fromkeys(row["category"] for row in rows):
+            picked = [i for i, row in enumerate(rows) if row["category"] == category]
+            scores[category] = attribute_accuracy([videos[i] for i in picked], [rows[i]["record"] for i in picked])
+        result[f"guidance_{guidance:g}"] = {"seconds": time.perf_counter() - start, **scores}
+        print(json.dumps({f"guidance_{guidance:g}": {c: round(s["all"], 3) for c, s in scores.items()}}), flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(f"{args.json}.tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(f"{args.json}.tmp", args.json)
+
+
+if __name__ == "__main__":
+    main()
