@@ -210,3 +210,39 @@ def test_bf16_autocast_training_step():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in vae.parameters() if p.grad is not None)
+
+
+def test_decoder_widths_of_its_own(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from new_vae_decoder import main as new_decoder_main
+    from ship_default import same_latent_space
+
+    vae = tiny_vae_4x()
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "wide"
+    assert new_decoder_main(["--vae", str(tmp_path / "vae"), "--widths", "16,16,32", "--layers", "2",
+                             "--out", str(out)]) == 0
+    wide = CausalVideoVAE.from_pretrained(out).eval()
+    assert wide.config.decoder_block_out_channels == [16, 16, 32] and wide.config.decoder_layers_per_block == 2
+    # the encoder and so the latents are the trained VAE's; the decoder is new and larger
+    for name, value in vae.encoder.state_dict().items():
+        assert torch.equal(wide.encoder.state_dict()[name], value), name
+    assert sum(p.numel() for p in wide.decoder.parameters()) > 2 * sum(p.numel() for p in vae.decoder.parameters())
+    x = video(2, 17, 16)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        assert torch.equal(wide.encode(x).latent_dist.mode(), z)
+        assert wide.decode(z).sample.shape == x.shape
+    assert same_latent_space(vae, wide, str(out)) is wide
+    # a decoder fine-tune keeps its widths through a save / load
+    wide.save_pretrained(tmp_path / "again")
+    assert CausalVideoVAE.from_pretrained(tmp_path / "again").decoder.state_dict().keys() == wide.decoder.state_dict().keys()
+
+
+def test_decoder_widths_must_match_the_levels():
+    with pytest.raises(ValueError, match=r"decoder_block_out_channels=\(8, 16\) must list 3"):
+        CausalVideoVAE(block_out_channels=(8, 8, 16), temporal_downsample=(True, True), decoder_block_out_channels=(8, 16))
+    with pytest.raises(ValueError, match="decoder_layers_per_block=0"):
+        CausalVideoVAE(block_out_channels=(8,), temporal_downsample=(), decoder_layers_per_block=0)

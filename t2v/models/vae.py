@@ -282,7 +282,10 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
     `enable_slicing()` add spatial tiles and one-sample-at-a-time batches.
 
     `upsample_to_next_width=True` makes each decoder upsampling conv change the width (see `Decoder`); the
-    default keeps the parameter layout of earlier checkpoints.
+    default keeps the parameter layout of earlier checkpoints. `decoder_block_out_channels` and
+    `decoder_layers_per_block` (default: the encoder's) give the decoder its own widths and depth, as Wan 2.2's
+    `decoder_base_dim` does: a wider decoder can be trained against a frozen encoder, so a latent space that a
+    DiT was trained on keeps its meaning while reconstructions sharpen.
     """
 
     _supports_gradient_checkpointing = True
@@ -301,15 +304,25 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         scaling_factor: float = 1.0,
         shift_factor: float = 0.0,
         upsample_to_next_width: bool = False,
+        decoder_block_out_channels: tuple[int, ...] | None = None,
+        decoder_layers_per_block: int | None = None,
     ):
         super().__init__()
         block_out_channels, temporal_downsample = tuple(block_out_channels), tuple(temporal_downsample)
+        decoder_widths = block_out_channels if decoder_block_out_channels is None else tuple(decoder_block_out_channels)
+        decoder_layers = layers_per_block if decoder_layers_per_block is None else decoder_layers_per_block
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("latent_channels", latent_channels), ("layers_per_block", layers_per_block)):
+                            ("latent_channels", latent_channels), ("layers_per_block", layers_per_block),
+                            ("decoder_layers_per_block", decoder_layers)):
             if value < 1:
                 raise ValueError(f"{name}={value} must be at least 1")
         if len(block_out_channels) < 1 or min(block_out_channels) < 1:
             raise ValueError(f"block_out_channels={block_out_channels} must be a non-empty list of positive ints")
+        if len(decoder_widths) != len(block_out_channels) or min(decoder_widths) < 1:
+            raise ValueError(
+                f"decoder_block_out_channels={decoder_block_out_channels} must list {len(block_out_channels)} positive "
+                f"ints, one per level of block_out_channels={block_out_channels}"
+            )
         if len(temporal_downsample) != len(block_out_channels) - 1:
             raise ValueError(
                 f"temporal_downsample={temporal_downsample} has {len(temporal_downsample)} entries; it needs one "
@@ -318,10 +331,10 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         if scaling_factor <= 0:
             raise ValueError(f"scaling_factor={scaling_factor} must be positive")
 
-        arch = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block,
-                    temporal_downsample=temporal_downsample, mid_attention=mid_attention)
-        self.encoder = Encoder(in_channels, 2 * latent_channels, **arch)  # moments: mean and log-variance
-        self.decoder = Decoder(latent_channels, out_channels, **arch, upsample_to_next_width=upsample_to_next_width)
+        self.encoder = Encoder(in_channels, 2 * latent_channels, block_out_channels, layers_per_block,
+                               temporal_downsample, mid_attention)  # moments: mean and log-variance
+        self.decoder = Decoder(latent_channels, out_channels, decoder_widths, decoder_layers, temporal_downsample,
+                               mid_attention, upsample_to_next_width=upsample_to_next_width)
 
         self.use_framewise_encoding = True
         self.use_framewise_decoding = True
