@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from t2v.models.vae import CausalVideoVAE
+from t2v.models.vae import CausalVideoVAE, ChannelRMSNorm
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -219,13 +219,21 @@ def test_decoder_widths_of_its_own(tmp_path):
     from new_vae_decoder import main as new_decoder_main
     from ship_default import same_latent_space
 
-    vae = tiny_vae_4x()
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1,
+                         temporal_downsample=(True, True), mid_attention=True).eval()
+    for module in vae.decoder.modules():  # trained-looking norm gains, so their rescaling is tested
+        if hasattr(module, "weight") and module.weight.ndim == 1:
+            module.weight.data.uniform_(0.5, 1.5)
     vae.save_pretrained(tmp_path / "vae")
     out = tmp_path / "wide"
     assert new_decoder_main(["--vae", str(tmp_path / "vae"), "--widths", "16,16,32", "--layers", "2",
                              "--out", str(out)]) == 0
     wide = CausalVideoVAE.from_pretrained(out).eval()
     assert wide.config.decoder_block_out_channels == [16, 16, 32] and wide.config.decoder_layers_per_block == 2
+    random = tmp_path / "random"
+    assert new_decoder_main(["--vae", str(tmp_path / "vae"), "--widths", "16,16,32", "--layers", "2",
+                             "--init", "random", "--out", str(random)]) == 0
     # the encoder and so the latents are the trained VAE's; the decoder is new and larger
     for name, value in vae.encoder.state_dict().items():
         assert torch.equal(wide.encoder.state_dict()[name], value), name
@@ -234,11 +242,34 @@ def test_decoder_widths_of_its_own(tmp_path):
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
         assert torch.equal(wide.encode(x).latent_dist.mode(), z)
-        assert wide.decode(z).sample.shape == x.shape
+        # grown, the decoder starts as the old one (chunked and one-shot); a random one does not. The RMS norms'
+        # eps is not rescaled with the channel count, so compare the algebra with eps 0 (real scale: 9e-5 of 1.5)
+        for module in [*vae.modules(), *wide.modules()]:
+            if isinstance(module, ChannelRMSNorm):
+                module.eps = 0.0
+        for framewise in (True, False):
+            vae.use_framewise_decoding = wide.use_framewise_decoding = framewise
+            torch.testing.assert_close(wide.decode(z).sample, vae.decode(z).sample, rtol=1e-4, atol=1e-4)
+        fresh = CausalVideoVAE.from_pretrained(random).eval()
+        assert (fresh.decode(z).sample - vae.decode(z).sample).abs().max() > 0.1
     assert same_latent_space(vae, wide, str(out)) is wide
+    # the grown decoder trains: its new channels get gradient at once
+    wide.train()
+    wide.decode(z).sample.square().mean().backward()
+    assert wide.decoder.conv_in.weight.grad[8:].abs().sum() > 0  # rows writing into the added channels
     # a decoder fine-tune keeps its widths through a save / load
     wide.save_pretrained(tmp_path / "again")
     assert CausalVideoVAE.from_pretrained(tmp_path / "again").decoder.state_dict().keys() == wide.decoder.state_dict().keys()
+
+
+def test_grow_rejects_a_narrower_decoder():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from new_vae_decoder import with_new_decoder
+
+    with pytest.raises(ValueError, match=r"widths \[8, 8, 8\] x 1 must be at least"):
+        with_new_decoder(tiny_vae_4x(), [8, 8, 8], 1, seed=0)
 
 
 def test_decoder_widths_must_match_the_levels():
