@@ -6,10 +6,10 @@ model decoded by it).
 
 import argparse
 import json
-import os
 
 import torch
 
+from t2v.eval.report import write_json
 from t2v.eval.vae_quality import vae_readback
 from t2v.train.trainer import load_vae
 
@@ -33,10 +33,7 @@ def main(argv=None) -> int:
               **vae_readback(vae, args.num, args.seed, args.split, args.batch_size)}
     print(json.dumps(result, indent=1))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(f"{args.json}.tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(f"{args.json}.tmp", args.json)
+        write_json(args.json, result)
     return 0
 
 

@@ -10,7 +10,6 @@ is scripts/evaluate.py.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `t2v`, `pipelines`
 from t2v.data.shapes import make_prompts  # noqa: E402
+from t2v.eval.report import write_json  # noqa: E402
 from t2v.eval.shapes_readback import attribute_accuracy  # noqa: E402
 
 
@@ -61,10 +61,7 @@ def main():
         result[f"guidance_{guidance:g}"] = {"seconds": time.perf_counter() - start, **scores}
         print(json.dumps({f"guidance_{guidance:g}": {c: round(s["all"], 3) for c, s in scores.items()}}), flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(f"{args.json}.tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(f"{args.json}.tmp", args.json)
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

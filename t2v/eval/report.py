@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import os
 
 import numpy as np
@@ -16,6 +17,14 @@ from PIL import Image, ImageDraw
 
 # Viridis sampled at 0, 0.25, 0.5, 0.75, 1 (RGB); values in between are interpolated.
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
+
+
+def write_json(path: str, result: dict) -> None:
+    """Write `result` to `path` (its folder created) through a temporary file, so no half-written file is left."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(f"{path}.tmp", path)
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
