@@ -354,3 +354,19 @@ def test_shapes_preset():
     with torch.device("meta"):
         tokens, _, _, grid = model.prepare_tokens(torch.empty(1, 16, 5, 8, 8))
     assert grid == (5, 8, 8) and tokens.shape == (1, 320, 256)
+
+
+def test_shapes_4x_pair_keeps_the_token_count():
+    """vae_shapes_4x latents through dit_shapes_p2 give the 320 tokens of the 8x pair."""
+    from t2v.models.vae import CausalVideoVAE
+
+    vae = CausalVideoVAE.from_config(OmegaConf.to_container(OmegaConf.load(CONFIGS / "vae_shapes_4x.yaml"))).eval()
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, 17, 64, 64)).latent_dist.mode()
+    assert latents.shape == (1, 16, 5, 16, 16)
+    model = VideoDiT.from_config(load_preset("dit_shapes_p2")).eval()
+    tokens, _, _, grid = model.prepare_tokens(latents)
+    assert grid == (5, 8, 8) and tokens.shape == (1, 320, 256)
+    with torch.no_grad():
+        out = model(latents, torch.tensor([500.0]), torch.randn(1, 7, 384), pooled_projections=torch.randn(1, 384)).sample
+    assert out.shape == latents.shape
