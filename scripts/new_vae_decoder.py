@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import shutil
-import tempfile
 
 import torch
 from torch import nn
 
 from t2v.models.vae import CausalVideoVAE, ChannelRMSNorm, ResBlock, SpatialAttention, Upsample
+from t2v.train.export import save_atomically
 
 
 def _grow_conv(old: nn.Conv2d | nn.Conv3d, new: nn.Conv2d | nn.Conv3d, groups: int = 1,
@@ -133,13 +131,7 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--widths {args.widths!r} must be comma-separated integers")
     new = with_new_decoder(CausalVideoVAE.from_pretrained(args.vae), widths, args.layers, args.seed, args.init)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".new_decoder_")
-    new.save_pretrained(tmp, safe_serialization=True)
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    os.replace(tmp, args.out)
+    save_atomically(new, args.out)
     count = sum(p.numel() for p in new.decoder.parameters())
     print(f"wrote {args.out}: encoder from {args.vae}, decoder {widths} x {args.layers} ({count / 1e6:.2f}M params, "
           f"init {args.init})")

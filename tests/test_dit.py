@@ -370,3 +370,38 @@ def test_shapes_4x_pair_keeps_the_token_count():
     with torch.no_grad():
         out = model(latents, torch.tensor([500.0]), torch.randn(1, 7, 384), pooled_projections=torch.randn(1, 384)).sample
     assert out.shape == latents.shape
+
+
+def test_init_dit_from_copies_matching_tensors_and_refuses_other_widths(tmp_path):
+    """Warm start for a new patch size: blocks and embedders copied, patch embedding and output new."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from init_dit_from import main as init_main
+
+    torch.manual_seed(0)
+    old = VideoDiT.from_config(load_preset("dit_tiny"))
+    for p in old.parameters():  # trained weights are not the fresh initialisation
+        p.data.normal_()
+    old.save_pretrained(tmp_path / "old")
+    new_config = {**load_preset("dit_tiny"), "patch_size": [1, 1, 1]}
+    OmegaConf.save(OmegaConf.create(new_config), tmp_path / "p1.yaml")
+    assert init_main(["--dit", str(tmp_path / "old"), "--config", str(tmp_path / "p1.yaml"),
+                      "--out", str(tmp_path / "new")]) == 0
+    new = VideoDiT.from_pretrained(tmp_path / "new")
+    assert list(new.config.patch_size) == [1, 1, 1]
+    old_state, new_state = old.state_dict(), new.state_dict()
+    assert torch.equal(new_state["blocks.1.modulation"], old_state["blocks.1.modulation"])
+    assert torch.equal(new_state["text_embed.0.weight"], old_state["text_embed.0.weight"])
+    assert new_state["patch_embed.weight"].shape == (32, 4) != old_state["patch_embed.weight"].shape
+    assert torch.count_nonzero(new_state["proj_out.weight"]) == 0  # starts predicting zero velocity
+    with torch.no_grad():
+        out = new(torch.randn(1, 4, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 16),
+                  pooled_projections=torch.randn(1, 16)).sample
+    assert torch.count_nonzero(out) == 0
+
+    wider = {**load_preset("dit_tiny"), "hidden_size": 64}
+    OmegaConf.save(OmegaConf.create(wider), tmp_path / "wide.yaml")
+    with pytest.raises(ValueError, match="hidden_size"):
+        init_main(["--dit", str(tmp_path / "old"), "--config", str(tmp_path / "wide.yaml"), "--out", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()

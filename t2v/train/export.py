@@ -62,10 +62,16 @@ def export_pipeline(cfg: Config, transformer, vae, embedder, out_dir: str) -> st
     if has_lora(transformer):
         transformer = merge_lora(copy.deepcopy(transformer))
     pipe = build_pipeline(cfg, transformer, vae, embedder, for_saving=True)
+    return save_atomically(pipe, out_dir)
+
+
+def save_atomically(model, out_dir: str) -> str:
+    """`model.save_pretrained` into a temporary sibling of `out_dir`, then swap it in (replacing `out_dir`), so an
+    interrupted save never leaves a half-written folder under the final name."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
-    pipe.save_pretrained(tmp)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.tmp-{uuid.uuid4().hex[:8]}")
+    model.save_pretrained(tmp, safe_serialization=True)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -11,8 +11,6 @@ latents of a few batches (normalised latents get zero mean and unit std) and sav
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 
 import numpy as np
 import torch
@@ -23,6 +21,7 @@ from torch import nn
 from t2v.config import Config
 from t2v.data.manifest import load_manifest
 from t2v.train import trainer
+from t2v.train.export import save_atomically
 
 HELD_OUT_STREAM = 2**20  # Shapes World stream of the held-out clips (training streams are the ranks)
 STATS_STREAM = 2**20 + 1  # stream of the clips whose latents set the normalisation
@@ -230,12 +229,7 @@ class VAETask:
                 model.register_to_config(latents_mean=z.mean(dim=1).tolist(), latents_std=z.std(dim=1).tolist())
             else:
                 model.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
-        out_dir = os.path.join(self.cfg.output_dir, "vae")
-        tmp = os.path.join(self.cfg.output_dir, f".vae.tmp-{uuid.uuid4().hex[:8]}")
-        model.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        save_atomically(model, os.path.join(self.cfg.output_dir, "vae"))
 
 
 def train_vae(cfg: Config) -> trainer.TrainState:
