@@ -189,15 +189,18 @@ class VAELossConfig:
     # Small objects cover a few percent of a frame; without it the loss is mostly background.
     hard_pixel_weight: float = 0.0
     hard_pixel_fraction: float = 0.05
+    # Detail term: absolute error weighted by the target's squared Laplacian (isolated pixels 16x, corners 4x a
+    # straight edge; see t2v.train.vae.detail_error), for one-pixel features that L1 and the hard-pixel term blur.
+    detail_weight: float = 0.0
     eval_batches: int = 2  # held-out batches for PSNR / SSIM
     stats_batches: int = 4  # batches whose latents set scaling_factor / shift_factor
 
     def __post_init__(self):
         _check_choice("vae_loss.reconstruction", self.reconstruction, RECONSTRUCTION_LOSSES)
-        if self.temporal_weight < 0 or self.kl_weight < 0 or self.spatial_weight < 0:
+        if self.temporal_weight < 0 or self.kl_weight < 0 or self.spatial_weight < 0 or self.detail_weight < 0:
             raise ValueError(
                 f"vae_loss weights temporal_weight={self.temporal_weight}, kl_weight={self.kl_weight}, "
-                f"spatial_weight={self.spatial_weight} must be >= 0"
+                f"spatial_weight={self.spatial_weight}, detail_weight={self.detail_weight} must be >= 0"
             )
         if self.hard_pixel_weight < 0 or not 0 < self.hard_pixel_fraction <= 1:
             raise ValueError(

@@ -494,6 +494,35 @@ def test_vae_spatial_gradient_term(tmp_path):
         load_config(DEBUG_VAE, ["vae_loss.spatial_weight=-1.0"])
 
 
+def test_vae_detail_term_weights_isolated_pixels_over_edges(tmp_path):
+    """An isolated pixel weighs 16x a straight-edge pixel; flat areas weigh nothing; the loss adds the term."""
+    from t2v.train.vae import VAETask, detail_error
+
+    x = -torch.ones(1, 3, 1, 16, 16)
+    x[..., 2, 3] = 1.0  # isolated pixel
+    x[..., 8:, 8:] = 1.0  # a block with straight edges (away from the isolated pixel)
+    edge_only, nub_only = x.clone(), x.clone()
+    edge_only[..., 12, 8] = -1.0  # the block loses one pixel of its left edge
+    nub_only[..., 2, 3] = -1.0  # the isolated pixel is lost
+    assert detail_error(x, x).item() == 0.0
+    assert detail_error(nub_only, x).item() == pytest.approx(16 * detail_error(edge_only, x).item(), rel=1e-5)
+    flat = x.clone()
+    flat[..., 0, 15] = 0.0  # an error in a flat area costs nothing
+    assert detail_error(flat, x).item() == 0.0
+
+    cfg = load_config(DEBUG_VAE, [f"output_dir={tmp_path}", "data.source=shapes", "data.frames=17", "data.height=64",
+                                  "data.width=64", "vae_loss.detail_weight=3.0"])
+    task = VAETask(cfg)
+    out = task.loss(task.model, task.next_batch(), torch.Generator().manual_seed(0))
+    m = out.metrics
+    assert m["detail"] > 0
+    expected = (m["reconstruction"] + cfg.vae_loss.temporal_weight * m["temporal"] + cfg.vae_loss.kl_weight * m["kl"]
+                + cfg.vae_loss.hard_pixel_weight * m["hard_pixel"] + 3.0 * m["detail"])
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="detail_weight=-1.0"):
+        load_config(DEBUG_VAE, ["vae_loss.detail_weight=-1.0"])
+
+
 def test_validation_logs_retrieval_metrics_with_a_scorer(tmp_path, manifest):
     from t2v.eval.retriever import VideoEncoder, VideoTextRetriever
     from t2v.train.dit import train_dit
