@@ -2,8 +2,9 @@
 
 Every tensor whose name and shape are the same in both models is copied from the trained DiT; the rest keep
 the new model's fresh initialisation (for a new patch size or latent width: the patch embedding and the output
-projection, the latter zero, so the new model starts by predicting zero velocity). The blocks, the text and
-timestep embedders and the adaLN tables carry over. When the new VAE cell times the new patch covers the same
+projection, the latter zero, so the new model starts by predicting zero velocity; where their shapes match too,
+they are copied like the rest). The blocks, the text and timestep embedders and the adaLN tables carry over,
+all of them: a new config that would leave any other tensor fresh (another MLP width, say) is refused. When the new VAE cell times the new patch covers the same
 pixels as before (4x VAE with 2x2 patches after 8x VAE with 1x1 patches), the token grid is unchanged and
 only the mapping between latents and tokens has to be learnt anew. Train the result with `model.dit=OUT`.
 
@@ -20,6 +21,8 @@ import torch
 from t2v.models.dit import VideoDiT
 from t2v.train.export import save_atomically
 from t2v.train.trainer import build_model
+
+NEW_PER_LATENT = ("patch_embed.", "proj_out.")  # the only tensors a new VAE or patch size may leave fresh
 
 
 @torch.no_grad()
@@ -52,6 +55,10 @@ def main(argv=None) -> int:
             raise ValueError(f"{key}: the trained DiT has {old.config[key]}, the new config {new.config[key]}; "
                              "warm-starting needs the same width, depth, heads and text dimensions")
     copied, fresh = transplant(old, new)
+    unmatched = [name for name in fresh if not name.startswith(NEW_PER_LATENT)]
+    if unmatched:
+        raise ValueError(f"the new config would leave {unmatched[:4]} fresh ({len(unmatched)} tensors beyond the "
+                         f"patch embedding and output projection): only {NEW_PER_LATENT} may differ")
     save_atomically(new, args.out)
     print(f"wrote {args.out}: {len(copied)} tensors from {args.dit}, {len(fresh)} new: {', '.join(fresh)}")
     return 0

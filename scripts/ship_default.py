@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import torch
 
@@ -25,6 +23,7 @@ from pipelines import T2VPipeline  # noqa: E402
 from t2v.models.dit import VideoDiT  # noqa: E402
 from t2v.models.text_encoder import MINILM  # noqa: E402
 from t2v.models.vae import CausalVideoVAE  # noqa: E402
+from t2v.train.export import save_atomically  # noqa: E402
 
 
 def same_latent_space(trained: CausalVideoVAE, replacement: CausalVideoVAE, where: str) -> CausalVideoVAE:
@@ -71,23 +70,21 @@ def main() -> None:
         defaults["guidance_scale"] = args.guidance
     pipe = T2VPipeline(vae=vae, transformer=transformer, scheduler=scheduler, text_encoder_source=args.text_encoder,
                        max_sequence_length=index["max_sequence_length"], generation_defaults=defaults)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".default.tmp-", dir=parent)
-    pipe.save_pretrained(tmp)
-    for component in ("transformer", "vae"):  # the training machine's paths do not belong in a shipped model
-        config_path = os.path.join(tmp, component, "config.json")
+    save_atomically(pipe, args.out, finish=_drop_local_paths)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs)
+    print(f"wrote {args.out} ({size / 2**20:.1f} MB), defaults {defaults}")
+
+
+def _drop_local_paths(folder: str) -> None:
+    """The training machine's paths do not belong in a shipped model."""
+    for component in ("transformer", "vae"):
+        config_path = os.path.join(folder, component, "config.json")
         with open(config_path) as f:
             config = json.load(f)
         config.pop("_name_or_path", None)
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    os.replace(tmp, args.out)
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs)
-    print(f"wrote {args.out} ({size / 2**20:.1f} MB), defaults {defaults}")
 
 
 if __name__ == "__main__":

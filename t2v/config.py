@@ -189,8 +189,9 @@ class VAELossConfig:
     # Small objects cover a few percent of a frame; without it the loss is mostly background.
     hard_pixel_weight: float = 0.0
     hard_pixel_fraction: float = 0.05
-    # Detail term: absolute error weighted by the target's squared Laplacian (isolated pixels 16x, corners 4x a
-    # straight edge; see t2v.train.vae.detail_error), for one-pixel features that L1 and the hard-pixel term blur.
+    # Detail term: absolute error weighted by the target's squared Laplacian, normalised to mean 1 over the batch
+    # (isolated pixels 16x, corners 4x a straight edge; see t2v.train.vae.detail_error), for one-pixel features
+    # that L1 and the hard-pixel term blur.
     detail_weight: float = 0.0
     eval_batches: int = 2  # held-out batches for PSNR / SSIM
     stats_batches: int = 4  # batches whose latents set scaling_factor / shift_factor

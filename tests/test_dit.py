@@ -391,8 +391,11 @@ def test_init_dit_from_copies_matching_tensors_and_refuses_other_widths(tmp_path
     new = VideoDiT.from_pretrained(tmp_path / "new")
     assert list(new.config.patch_size) == [1, 1, 1]
     old_state, new_state = old.state_dict(), new.state_dict()
-    assert torch.equal(new_state["blocks.1.modulation"], old_state["blocks.1.modulation"])
-    assert torch.equal(new_state["text_embed.0.weight"], old_state["text_embed.0.weight"])
+    fresh = {name for name, t in new_state.items() if t.shape != old_state[name].shape}
+    assert fresh == {"patch_embed.weight", "proj_out.weight", "proj_out.bias"}
+    for name, tensor in new_state.items():  # every other tensor is the trained one
+        if name not in fresh:
+            assert torch.equal(tensor, old_state[name].to(tensor.dtype)), name
     assert new_state["patch_embed.weight"].shape == (32, 4) != old_state["patch_embed.weight"].shape
     assert torch.count_nonzero(new_state["proj_out.weight"]) == 0  # starts predicting zero velocity
     with torch.no_grad():
@@ -405,3 +408,8 @@ def test_init_dit_from_copies_matching_tensors_and_refuses_other_widths(tmp_path
     with pytest.raises(ValueError, match="hidden_size"):
         init_main(["--dit", str(tmp_path / "old"), "--config", str(tmp_path / "wide.yaml"), "--out", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()
+    other_mlp = {**load_preset("dit_tiny"), "mlp_ratio": 2.0}
+    OmegaConf.save(OmegaConf.create(other_mlp), tmp_path / "mlp.yaml")
+    with pytest.raises(ValueError, match="fresh"):
+        init_main(["--dit", str(tmp_path / "old"), "--config", str(tmp_path / "mlp.yaml"), "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()

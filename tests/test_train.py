@@ -302,6 +302,40 @@ def test_export_loads_in_the_pipeline(tmp_path, manifest):
     assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all()
 
 
+class _Saved:
+    """A stand-in model whose save_pretrained writes config.json, or fails halfway."""
+
+    def __init__(self, tag: str, fail: bool = False):
+        self.tag, self.fail = tag, fail
+
+    def save_pretrained(self, folder: str, safe_serialization: bool = True):
+        os.makedirs(folder, exist_ok=True)
+        Path(folder, "config.json").write_text(json.dumps({"tag": self.tag}))
+        if self.fail:
+            raise OSError("disk full")
+
+
+def test_save_atomically_replaces_refuses_and_cleans_up(tmp_path):
+    from t2v.train.export import save_atomically
+
+    out = tmp_path / "model"
+    assert save_atomically(_Saved("a"), str(out)) == str(out)
+    save_atomically(_Saved("b"), str(out), finish=lambda d: Path(d, "extra.txt").write_text("x"))
+    assert json.loads((out / "config.json").read_text()) == {"tag": "b"} and (out / "extra.txt").is_file()
+    with pytest.raises(OSError, match="disk full"):
+        save_atomically(_Saved("c", fail=True), str(out))
+    assert json.loads((out / "config.json").read_text()) == {"tag": "b"}  # the old folder is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old folders left
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a saved model"):
+        save_atomically(_Saved("d"), str(other))
+    assert (other / "todo.txt").read_text() == "keep me"
+    with pytest.raises(FileExistsError, match="not a folder"):
+        save_atomically(_Saved("e"), str(other / "todo.txt"))
+
+
 def test_lora_trains_adapters_only_and_export_merges_them(tmp_path, manifest):
     from pipelines.pipeline_t2v import T2VPipeline
     from t2v.train.dit import DiTTask
@@ -509,6 +543,9 @@ def test_vae_detail_term_weights_isolated_pixels_over_edges(tmp_path):
     flat = x.clone()
     flat[..., 0, 15] = 0.0  # an error in a flat area costs nothing
     assert detail_error(flat, x).item() == 0.0
+    # weights average 1 over the batch: a uniform error of 0.1 per channel costs 3 x 0.1
+    assert detail_error(x + 0.1, x).item() == pytest.approx(0.3, rel=1e-5)
+    assert detail_error(x + 0.1, torch.zeros_like(x)).item() == 0.0  # a flat target weighs nothing, without NaN
 
     cfg = load_config(DEBUG_VAE, [f"output_dir={tmp_path}", "data.source=shapes", "data.frames=17", "data.height=64",
                                   "data.width=64", "vae_loss.detail_weight=3.0"])
@@ -517,7 +554,8 @@ def test_vae_detail_term_weights_isolated_pixels_over_edges(tmp_path):
     m = out.metrics
     assert m["detail"] > 0
     expected = (m["reconstruction"] + cfg.vae_loss.temporal_weight * m["temporal"] + cfg.vae_loss.kl_weight * m["kl"]
-                + cfg.vae_loss.hard_pixel_weight * m["hard_pixel"] + 3.0 * m["detail"])
+                + cfg.vae_loss.spatial_weight * m["spatial"] + cfg.vae_loss.hard_pixel_weight * m["hard_pixel"]
+                + 3.0 * m["detail"])
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="detail_weight=-1.0"):
         load_config(DEBUG_VAE, ["vae_loss.detail_weight=-1.0"])

@@ -6,6 +6,7 @@ import copy
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -65,14 +66,37 @@ def export_pipeline(cfg: Config, transformer, vae, embedder, out_dir: str) -> st
     return save_atomically(pipe, out_dir)
 
 
-def save_atomically(model, out_dir: str) -> str:
-    """`model.save_pretrained` into a temporary sibling of `out_dir`, then swap it in (replacing `out_dir`), so an
-    interrupted save never leaves a half-written folder under the final name."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.tmp-{uuid.uuid4().hex[:8]}")
-    model.save_pretrained(tmp, safe_serialization=True)
+def save_atomically(model, out_dir: str, finish: Callable[[str], None] | None = None) -> str:
+    """`model.save_pretrained` into a temporary sibling of `out_dir`, `finish(tmp)` if given, then swap it in.
+
+    An existing `out_dir` must be a saved model (config.json or model_index.json) or empty: it is replaced, so
+    pointing this at a folder of other things is refused. The old folder is renamed aside before the new one is
+    renamed in, so an interruption leaves either the old or the new folder under the final name, never a
+    half-written or half-deleted one; a failed save removes its temporary folder.
+    """
+    given, out_dir = out_dir, os.path.abspath(out_dir)
     if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+        if not os.path.isdir(out_dir):
+            raise FileExistsError(f"output {out_dir!r} exists and is not a folder")
+        marks = {"config.json", "model_index.json"}
+        if os.listdir(out_dir) and not marks & set(os.listdir(out_dir)):
+            raise FileExistsError(
+                f"output {out_dir!r} exists and is not a saved model (no config.json or model_index.json); "
+                "it would be replaced, so choose a new or model folder"
+            )
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{tag}")
+    old = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{tag}")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if finish is not None:
+            finish(tmp)
+        if os.path.exists(out_dir):
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return given

@@ -85,9 +85,12 @@ def hard_pixel_error(recon: torch.Tensor, x: torch.Tensor, fraction: float) -> t
 def detail_error(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Absolute error weighted by the squared Laplacian of the target, per frame; (B, C, T, H, W) inputs.
 
-    A pixel's weight grows with the square of how many of its 4 neighbours differ from it: an isolated pixel
-    (a one-pixel tip or nub) weighs 16 times a pixel on a straight edge, a corner 4 times, flat areas nothing.
-    The weights are normalised to mean 1 over the batch, so the term is on the scale of plain L1.
+    The weight is the square of the channel-summed absolute 4-neighbour Laplacian of the target (detached data,
+    never the prediction). On a two-level image it grows with the square of how many neighbours differ: an
+    isolated pixel weighs 16 times a pixel on a straight edge, a one-pixel tip or nub (3 differing neighbours) 9
+    times, a corner 4 times, flat areas nothing; it also grows with the contrast. Frame borders are replicated,
+    so outside the frame counts as equal to the pixel. The weights are normalised to mean 1 over the whole batch
+    (a flat batch gives 0), and the error is summed over channels, so a uniform error e per channel costs 3e.
     """
     target = rearrange(x.float(), "b c t h w -> (b t) c h w")
     padded = F.pad(target, (1, 1, 1, 1), mode="replicate")
