@@ -3,11 +3,11 @@
 #   bash scripts/train_shapes_default.sh [RUN_DIR]
 # 1. the causal VAE on rendered clips, 2. its decoder fine-tuned with the encoder frozen (same latents),
 # 3. that decoder fine-tuned further with the detail term (one-pixel features), 4. the DiT on clips rendered
-# and encoded by the frozen VAE with MiniLM text, 5. the video-text retriever used as the evaluation judge,
-# 6. the fp16 pipeline folder (DiT + fine-tuned decoder) in t2v/assets/default_model (SHIP=0 skips it).
-# Each stage resumes from its last checkpoint when rerun, and a finished stage is skipped. Extra key=value
-# overrides per stage: VAE_ARGS, DECODER_ARGS, DETAIL_ARGS, DIT_ARGS, RETRIEVER_ARGS. RETRIEVER=0 skips
-# stage 5.
+# and encoded by the frozen VAE with MiniLM text, 5. its cool-down (learning rate decayed to 0), 6. the
+# video-text retriever used as the evaluation judge, 7. the fp16 pipeline folder (cooled DiT + fine-tuned
+# decoder) in t2v/assets/default_model (SHIP=0 skips it). Each stage resumes from its last checkpoint when
+# rerun, and a finished stage is skipped. Extra key=value overrides per stage: VAE_ARGS, DECODER_ARGS,
+# DETAIL_ARGS, DIT_ARGS, COOLDOWN_ARGS, RETRIEVER_ARGS. RETRIEVER=0 skips stage 6.
 # Runs on CUDA when available (minutes on one H100), otherwise on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,32 +17,37 @@ DEVICE=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else
 echo "[shapes] run folder $RUN, device $DEVICE"
 
 if [ ! -f "$RUN/vae/vae/config.json" ]; then
-  echo "[shapes] 1/6 VAE"
+  echo "[shapes] 1/7 VAE"
   python scripts/train_vae.py --config configs/train/shapes_vae.yaml output_dir="$RUN/vae" resume=latest ${VAE_ARGS:-}
 fi
 if [ ! -f "$RUN/vae_decoder/vae/config.json" ]; then
-  echo "[shapes] 2/6 VAE decoder fine-tune"
+  echo "[shapes] 2/7 VAE decoder fine-tune"
   python scripts/train_vae.py --config configs/train/shapes_vae_decoder.yaml output_dir="$RUN/vae_decoder" \
     model.vae="$RUN/vae/vae" resume=latest ${DECODER_ARGS:-}
 fi
 if [ ! -f "$RUN/vae_decoder_detail/vae/config.json" ]; then
-  echo "[shapes] 3/6 VAE decoder detail fine-tune"
+  echo "[shapes] 3/7 VAE decoder detail fine-tune"
   python scripts/train_vae.py --config configs/train/shapes_vae_decoder_detail.yaml \
     output_dir="$RUN/vae_decoder_detail" model.vae="$RUN/vae_decoder/vae" resume=latest ${DETAIL_ARGS:-}
 fi
 if [ ! -f "$RUN/dit/pipeline/model_index.json" ]; then
-  echo "[shapes] 4/6 DiT"
+  echo "[shapes] 4/7 DiT"
   python scripts/train.py --config configs/train/shapes_dit.yaml output_dir="$RUN/dit" model.vae="$RUN/vae/vae" \
     resume=latest ${DIT_ARGS:-}
 fi
+if [ ! -f "$RUN/dit_cooldown/pipeline/model_index.json" ]; then
+  echo "[shapes] 5/7 DiT cool-down"
+  python scripts/train.py --config configs/train/shapes_dit_cooldown.yaml output_dir="$RUN/dit_cooldown" \
+    model.dit="$RUN/dit/pipeline/transformer" model.vae="$RUN/vae/vae" resume=latest ${COOLDOWN_ARGS:-}
+fi
 if [ "${RETRIEVER:-1}" = "1" ] && [ ! -f "$RUN/retriever/model/retriever.json" ]; then
-  echo "[shapes] 5/6 retriever"
+  echo "[shapes] 6/7 retriever"
   python scripts/train_retriever.py --config configs/retriever/shapes.yaml output_dir="$RUN/retriever" \
     device="$DEVICE" ${RETRIEVER_ARGS:-}
 fi
 if [ "${SHIP:-1}" = "1" ]; then
-  echo "[shapes] 6/6 ship"
-  python scripts/ship_default.py --pipeline "$RUN/dit/pipeline" --vae "$RUN/vae_decoder_detail/vae" --out t2v/assets/default_model
+  echo "[shapes] 7/7 ship"
+  python scripts/ship_default.py --pipeline "$RUN/dit_cooldown/pipeline" --vae "$RUN/vae_decoder_detail/vae" --out t2v/assets/default_model
   if [ -f "$RUN/retriever/model/retriever.json" ]; then
     rm -rf t2v/assets/shapes_retriever && cp -r "$RUN/retriever/model" t2v/assets/shapes_retriever
   fi
