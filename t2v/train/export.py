@@ -95,7 +95,12 @@ def save_atomically(model, out_dir: str, finish: Callable[[str], None] | None = 
             finish(tmp)
         if os.path.exists(out_dir):
             os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if os.path.exists(old):  # put the old folder back under its name
+                os.replace(old, out_dir)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
