@@ -4,9 +4,10 @@ Every tensor whose name and shape are the same in both models is copied from the
 the new model's fresh initialisation (for a new patch size or latent width: the patch embedding and the output
 projection, the latter zero, so the new model starts by predicting zero velocity; where their shapes match too,
 they are copied like the rest). The blocks, the text and timestep embedders and the adaLN tables carry over,
-all of them: a new config that would leave any other tensor fresh (another MLP width, say) is refused. When the new VAE cell times the new patch covers the same
-pixels as before (4x VAE with 2x2 patches after 8x VAE with 1x1 patches), the token grid is unchanged and
-only the mapping between latents and tokens has to be learnt anew. Train the result with `model.dit=OUT`.
+all of them: a new config that would leave any other tensor fresh (another MLP width, say) is refused. When
+the new VAE cell times the new patch covers the same pixels as before (4x VAE with 2x2 patches after 8x VAE
+with 1x1 patches), the token grid is unchanged and only the mapping between latents and tokens has to be
+learnt anew. Train the result with `model.dit=OUT`.
 
     python scripts/init_dit_from.py --dit t2v/assets/default_model/transformer --config shapes_p2 \
         --out runs/dit_p2_init
