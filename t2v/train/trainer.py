@@ -172,6 +172,16 @@ def prepare_trainable(model: nn.Module, cfg: ModelConfig) -> list[tuple[str, nn.
     return params
 
 
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile `model` in place: each block of a `blocks` ModuleList on its own (one graph reused by
+    every block of a shape, quick to compile, and the wrappers around the model see an ordinary module), or the
+    whole module when it has no blocks. Parameter names and the state dict are unchanged."""
+    blocks = getattr(model, "blocks", None)
+    for module in blocks if isinstance(blocks, nn.ModuleList) else [model]:
+        module.compile()
+    return model
+
+
 def has_lora(model: nn.Module) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -441,6 +451,8 @@ def train(cfg: Config, task: Task) -> TrainState:
     # 1. what is trained, and how
     model = task.model
     params = prepare_trainable(model, cfg.model)
+    if tc.compile:
+        compile_model(model)
     trained = [p for _, p in params]
     groups = param_groups(params, tc)
     root = ckpt.checkpoint_root(cfg.output_dir)
