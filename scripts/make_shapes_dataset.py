@@ -1,6 +1,8 @@
-"""Write a Shapes World data set: mp4 clips and a manifest.csv with canonical captions and records.
+"""Write a Shapes World data set: mp4 clips and a manifest.csv with captions, canonical captions and records.
 
     python scripts/make_shapes_dataset.py --out data/shapes_train --num 2000 --seed 0 --split train
+    # captions worded as the in-memory training stream words them (half canonical), e.g. for a latent cache
+    python scripts/make_shapes_dataset.py --out data/shapes_cache_src --num 20000 --seed 1 --canonical-prob 0.5
 """
 
 import argparse
@@ -14,8 +16,11 @@ def main(argv=None):
     parser.add_argument("--num", type=int, required=True, help="number of clips")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train", choices=SPLITS)
+    parser.add_argument("--canonical-prob", type=float, default=1.0,
+                        help="probability that the caption column is canonical, else a training paraphrase")
     args = parser.parse_args(argv)
-    manifest = write_dataset(args.out, num=args.num, seed=args.seed, split=args.split)
+    manifest = write_dataset(args.out, num=args.num, seed=args.seed, split=args.split,
+                             canonical_prob=args.canonical_prob)
     print(f"wrote {args.num} clips, manifest {manifest}")
 
 

@@ -463,18 +463,23 @@ def write_video(path: str | os.PathLike, video: np.ndarray) -> None:
 
 
 def write_dataset(out_dir: str | os.PathLike, num: int, seed: int, split: str = "train",
-                  num_paraphrases: int = 4) -> Path:
+                  num_paraphrases: int = 4, canonical_prob: float = 1.0) -> Path:
     """Write `num` clips to `out_dir/videos/*.mp4` and `out_dir/manifest.csv`; returns the manifest path.
 
-    Columns: path (relative to the manifest), caption (canonical), record (JSON), paraphrases (JSON list of
-    training paraphrases), fps, frames, width, height. Videos and the manifest are written under temporary names and renamed, so an
-    interrupted run never leaves a manifest or a half-written video.
+    Columns: path (relative to the manifest), caption, canonical (the canonical caption), record (JSON),
+    paraphrases (JSON list of training paraphrases), fps, frames, width, height. `caption` is the canonical
+    caption, or with `canonical_prob` < 1 the wording the training stream would pick (`caption_for`): what a
+    latent cache of the manifest (scripts/precompute.py) embeds and trains on. Videos and the manifest are
+    written under temporary names and renamed, so an interrupted run never leaves a manifest or a half-written
+    video.
     """
     from tqdm import tqdm
 
     _check_split(split)
     if num < 1:
         raise ValueError(f"num {num} must be >= 1")
+    if not 0.0 <= canonical_prob <= 1.0:
+        raise ValueError(f"canonical_prob {canonical_prob} must be in [0, 1]")
     out_dir = Path(out_dir)
     video_dir = out_dir / "videos"
     video_dir.mkdir(parents=True, exist_ok=True)
@@ -484,11 +489,13 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int, split: str = 
     for index in tqdm(range(num), desc=f"shapes {split}", unit="clip"):
         record = sample_record(rng, split=split)
         paraphrases = [paraphrase(record, rng) for _ in range(num_paraphrases)]
+        # canonical_prob 1 draws nothing more, so such data sets stay as they were
+        caption = canonical_caption(record) if canonical_prob == 1.0 else caption_for(record, rng, canonical_prob)
         name = f"{index:0{width}d}.mp4"
         tmp = video_dir / f".tmp-{name}"
         write_video(tmp, render(record))
         os.replace(tmp, video_dir / name)
-        rows.append({"path": f"videos/{name}", "caption": canonical_caption(record),
+        rows.append({"path": f"videos/{name}", "caption": caption, "canonical": canonical_caption(record),
                      "record": json.dumps(record), "paraphrases": json.dumps(paraphrases),
                      "fps": FPS, "frames": NUM_FRAMES, "width": SIZE, "height": SIZE})
     manifest = out_dir / "manifest.csv"
