@@ -118,7 +118,7 @@ def read_folder(folder: str) -> list[dict]:
         if isinstance(record, str):
             record = _parse_json(record, f"{folder} manifest row {number} 'record'") if record.strip() else None
         rows.append({"prompt": text, "path": os.path.join(folder, row["path"]), "record": record,
-                     "category": row.get("category")})
+                     "category": row.get("category"), "content": row.get("canonical_caption") or text})
     return rows
 
 
@@ -219,8 +219,9 @@ def summarize(result: dict, rows: list[dict], args) -> tuple[dict, np.ndarray, n
 
     sim = result["sim"]
     n = sim.shape[0]
-    # a repeated prompt (common among a dataset's canonical captions) matches the videos of all its copies
-    match = same_prompt_matches([row["prompt"] for row in rows])  # (n, n)
+    # a repeated prompt (common among a dataset's canonical captions) matches the videos of all its copies, and
+    # so do other wordings of the same content (a Shapes World data set's canonical_caption column)
+    match = same_prompt_matches([row.get("content") or row["prompt"] for row in rows])  # (n, n)
     t2v_ranks, v2t_ranks = retrieval_ranks(sim, match)
     matched = np.diag(sim)
     metrics = {"num_videos": n, **retrieval_metrics(sim, match, dual_softmax=True),

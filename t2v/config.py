@@ -124,8 +124,9 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.0  # 0 = no EMA
     mixed_precision: str = "bf16"  # bf16 | fp32 (| fp16 on CUDA only)
-    # torch.compile the trained model before the loop (each transformer block on its own, as torchtitan does;
-    # other models whole). The first steps pay the compilation; backend none or ddp only.
+    # torch.compile each transformer block of the trained model (DiT only) before the loop, as torchtitan does.
+    # The first step pays the compilation, and the first validation another (no grad, other batch shapes).
+    # Backend none or ddp.
     compile: bool = False
     log_every: int = 10
     ckpt_every: int = 500  # 0 = only at the end
@@ -247,10 +248,11 @@ class Config:
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("output_dir is empty; give the run folder")
-        if self.train.compile and (self.distributed.backend == "deepspeed" or self.distributed.sequence_parallel_size > 1):
+        dist_cfg = self.distributed
+        if self.train.compile and (dist_cfg.backend == "deepspeed" or dist_cfg.sequence_parallel_size > 1):
             raise ValueError(
-                f"train.compile=true works with distributed.backend none or ddp and sequence_parallel_size 1, not "
-                f"backend={self.distributed.backend!r} with sequence_parallel_size={self.distributed.sequence_parallel_size}"
+                f"train.compile=true works with distributed.backend none or ddp and sequence_parallel_size 1, "
+                f"not backend={dist_cfg.backend!r} with sequence_parallel_size={dist_cfg.sequence_parallel_size}"
             )
 
 

@@ -466,10 +466,12 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int, split: str = 
                   num_paraphrases: int = 4, canonical_prob: float = 1.0) -> Path:
     """Write `num` clips to `out_dir/videos/*.mp4` and `out_dir/manifest.csv`; returns the manifest path.
 
-    Columns: path (relative to the manifest), caption, canonical (the canonical caption), record (JSON),
-    paraphrases (JSON list of training paraphrases), fps, frames, width, height. `caption` is the canonical
-    caption, or with `canonical_prob` < 1 the wording the training stream would pick (`caption_for`): what a
-    latent cache of the manifest (scripts/precompute.py) embeds and trains on. Videos and the manifest are
+    Columns: path (relative to the manifest), caption, canonical_caption, record (JSON), paraphrases (JSON list
+    of training paraphrases), fps, frames, width, height. `caption` is the canonical caption, or with
+    `canonical_prob` < 1 one wording per clip drawn as the training stream draws them (`caption_for`: canonical
+    with that probability, else a training paraphrase), from its own generator, so the clips do not depend on
+    `canonical_prob`. The caption column is what a latent cache of the manifest (scripts/precompute.py) embeds;
+    unlike the in-memory stream, each clip keeps its one wording every epoch. Videos and the manifest are
     written under temporary names and renamed, so an interrupted run never leaves a manifest or a half-written
     video.
     """
@@ -484,18 +486,18 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int, split: str = 
     video_dir = out_dir / "videos"
     video_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    wording_rng = np.random.default_rng([seed, 1])  # the caption choice only
     rows = []
     width = max(6, len(str(num - 1)))
     for index in tqdm(range(num), desc=f"shapes {split}", unit="clip"):
         record = sample_record(rng, split=split)
         paraphrases = [paraphrase(record, rng) for _ in range(num_paraphrases)]
-        # canonical_prob 1 draws nothing more, so such data sets stay as they were
-        caption = canonical_caption(record) if canonical_prob == 1.0 else caption_for(record, rng, canonical_prob)
+        caption = caption_for(record, wording_rng, canonical_prob)
         name = f"{index:0{width}d}.mp4"
         tmp = video_dir / f".tmp-{name}"
         write_video(tmp, render(record))
         os.replace(tmp, video_dir / name)
-        rows.append({"path": f"videos/{name}", "caption": caption, "canonical": canonical_caption(record),
+        rows.append({"path": f"videos/{name}", "caption": caption, "canonical_caption": canonical_caption(record),
                      "record": json.dumps(record), "paraphrases": json.dumps(paraphrases),
                      "fps": FPS, "frames": NUM_FRAMES, "width": SIZE, "height": SIZE})
     manifest = out_dir / "manifest.csv"

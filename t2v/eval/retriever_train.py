@@ -201,12 +201,13 @@ class _ManifestClips(torch.utils.data.Dataset):
             )
         except BadSample:
             return None  # unreadable or too short: dropped from its batch
-        return clip, row["caption"]
+        # What makes two rows the same content: a Shapes World data set's canonical caption, else the caption.
+        return clip, row["caption"], row.get("canonical_caption") or row["caption"]
 
 
 def _collate_clips(items):
     items = [item for item in items if item is not None]
-    return [clip for clip, _ in items], [caption for _, caption in items]
+    return [item[0] for item in items], [item[1] for item in items], [item[2] for item in items]
 
 
 def manifest_batches(cfg: RetrieverConfig) -> Iterator[tuple]:
@@ -223,8 +224,7 @@ def manifest_batches(cfg: RetrieverConfig) -> Iterator[tuple]:
         num_workers=cfg.data.num_workers, collate_fn=_collate_clips,
     )
     while True:
-        for clips, captions in loader:
-            yield clips, captions, captions
+        yield from loader  # (clips, captions, keys): equal keys are not contrastive negatives of each other
 
 
 def manifest_eval_set(cfg: RetrieverConfig) -> tuple[list[np.ndarray], list[str]]:
@@ -234,7 +234,7 @@ def manifest_eval_set(cfg: RetrieverConfig) -> tuple[list[np.ndarray], list[str]
     rows = load_manifest(cfg.data.eval_manifest, columns=cfg.data.columns)
     data = _ManifestClips(rows, cfg.data.frames, cfg.data.fps, cfg.model.sample_size, cfg.train.seed, False)
     items = [item for item in (data[i] for i in range(len(rows))) if item is not None][: cfg.train.eval_size]
-    return [clip for clip, _ in items], [caption for _, caption in items]
+    return [item[0] for item in items], [item[1] for item in items]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -173,12 +173,16 @@ def prepare_trainable(model: nn.Module, cfg: ModelConfig) -> list[tuple[str, nn.
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """torch.compile `model` in place: each block of a `blocks` ModuleList on its own (one graph reused by
-    every block of a shape, quick to compile, and the wrappers around the model see an ordinary module), or the
-    whole module when it has no blocks. Parameter names and the state dict are unchanged."""
+    """torch.compile each block of `model.blocks` in place (as torchtitan does): one graph serves every block of
+    a shape, it compiles quickly, and DDP wraps an ordinary module. Parameter names and the state dict are
+    unchanged. A model without a `blocks` ModuleList (the VAEs, which the loop calls through `encode` and
+    `decode`, not `__call__`) is refused rather than silently left uncompiled."""
     blocks = getattr(model, "blocks", None)
-    for module in blocks if isinstance(blocks, nn.ModuleList) else [model]:
-        module.compile()
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"train.compile=true compiles transformer blocks, and {type(model).__name__} has no "
+                         "`blocks` list; train it with train.compile=false")
+    for block in blocks:
+        block.compile()
     return model
 
 
