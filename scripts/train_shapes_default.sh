@@ -8,13 +8,15 @@
 # decoder) in t2v/assets/default_model (SHIP=0 skips it). Each stage resumes from its last checkpoint when
 # rerun, and a finished stage is skipped. Extra key=value overrides per stage: VAE_ARGS, DECODER_ARGS,
 # DETAIL_ARGS, DIT_ARGS, COOLDOWN_ARGS, RETRIEVER_ARGS. RETRIEVER=0 skips stage 6.
-# Runs on CUDA when available (minutes on one H100), otherwise on the CPU.
+# Runs on CUDA when available (minutes on one H100), otherwise on the CPU, where the DiT stages compile their
+# blocks (train.compile; DIT_COMPILE=false turns it off, DIT_COMPILE=true turns it on for CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/shapes_default}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DEVICE=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 echo "[shapes] run folder $RUN, device $DEVICE"
+DIT_COMPILE=${DIT_COMPILE:-$([ "$DEVICE" = cpu ] && echo true || echo false)}
 
 if [ ! -f "$RUN/vae/vae/config.json" ]; then
   echo "[shapes] 1/7 VAE"
@@ -33,12 +35,13 @@ fi
 if [ ! -f "$RUN/dit/pipeline/model_index.json" ]; then
   echo "[shapes] 4/7 DiT"
   python scripts/train.py --config configs/train/shapes_dit.yaml output_dir="$RUN/dit" model.vae="$RUN/vae/vae" \
-    resume=latest ${DIT_ARGS:-}
+    train.compile="$DIT_COMPILE" resume=latest ${DIT_ARGS:-}
 fi
 if [ ! -f "$RUN/dit_cooldown/pipeline/model_index.json" ]; then
   echo "[shapes] 5/7 DiT cool-down"
   python scripts/train.py --config configs/train/shapes_dit_cooldown.yaml output_dir="$RUN/dit_cooldown" \
-    model.dit="$RUN/dit/pipeline/transformer" model.vae="$RUN/vae/vae" resume=latest ${COOLDOWN_ARGS:-}
+    model.dit="$RUN/dit/pipeline/transformer" model.vae="$RUN/vae/vae" train.compile="$DIT_COMPILE" resume=latest \
+    ${COOLDOWN_ARGS:-}
 fi
 if [ "${RETRIEVER:-1}" = "1" ] && [ ! -f "$RUN/retriever/model/retriever.json" ]; then
   echo "[shapes] 6/7 retriever"
