@@ -3,11 +3,11 @@
 #   bash scripts/train_shapes_default.sh [RUN_DIR]
 # 1. the causal VAE on rendered clips, 2. its decoder fine-tuned with the encoder frozen (same latents),
 # 3. that decoder fine-tuned further with the detail term (one-pixel features), 4. the DiT on clips rendered
-# and encoded by the frozen VAE with MiniLM text, 5. its cool-down (learning rate decayed to 0), 6. the
-# video-text retriever used as the evaluation judge, 7. the fp16 pipeline folder (cooled DiT + fine-tuned
-# decoder) in t2v/assets/default_model (SHIP=0 skips it). Each stage resumes from its last checkpoint when
+# and encoded by the frozen VAE with MiniLM text, 5. its cool-down (learning rate decayed to 0), and a second
+# cool-down on fresh clips, 6. the video-text retriever used as the evaluation judge, 7. the fp16 pipeline folder
+# (twice-cooled DiT + fine-tuned decoder) in t2v/assets/default_model (SHIP=0 skips it). Each stage resumes from its last checkpoint when
 # rerun, and a finished stage is skipped. Extra key=value overrides per stage: VAE_ARGS, DECODER_ARGS,
-# DETAIL_ARGS, DIT_ARGS, COOLDOWN_ARGS, RETRIEVER_ARGS. RETRIEVER=0 skips stage 6.
+# DETAIL_ARGS, DIT_ARGS, COOLDOWN_ARGS, COOLDOWN2_ARGS, RETRIEVER_ARGS. RETRIEVER=0 skips stage 6.
 # Runs on CUDA when available (minutes on one H100), otherwise on the CPU, where the DiT stages compile their
 # blocks (train.compile; DIT_COMPILE=false turns it off, DIT_COMPILE=true turns it on for CUDA).
 set -euo pipefail
@@ -43,6 +43,12 @@ if [ ! -f "$RUN/dit_cooldown/pipeline/model_index.json" ]; then
     model.dit="$RUN/dit/pipeline/transformer" model.vae="$RUN/vae/vae" train.compile="$DIT_COMPILE" resume=latest \
     ${COOLDOWN_ARGS:-}
 fi
+if [ ! -f "$RUN/dit_cooldown2/pipeline/model_index.json" ]; then
+  echo "[shapes] 5/7 DiT second cool-down"
+  python scripts/train.py --config configs/train/shapes_dit_cooldown2.yaml output_dir="$RUN/dit_cooldown2" \
+    model.dit="$RUN/dit_cooldown/pipeline/transformer" model.vae="$RUN/vae/vae" train.compile="$DIT_COMPILE" \
+    resume=latest ${COOLDOWN2_ARGS:-}
+fi
 if [ "${RETRIEVER:-1}" = "1" ] && [ ! -f "$RUN/retriever/model/retriever.json" ]; then
   echo "[shapes] 6/7 retriever"
   python scripts/train_retriever.py --config configs/retriever/shapes.yaml output_dir="$RUN/retriever" \
@@ -50,7 +56,7 @@ if [ "${RETRIEVER:-1}" = "1" ] && [ ! -f "$RUN/retriever/model/retriever.json" ]
 fi
 if [ "${SHIP:-1}" = "1" ]; then
   echo "[shapes] 7/7 ship"
-  python scripts/ship_default.py --pipeline "$RUN/dit_cooldown/pipeline" --vae "$RUN/vae_decoder_detail/vae" --out t2v/assets/default_model
+  python scripts/ship_default.py --pipeline "$RUN/dit_cooldown2/pipeline" --vae "$RUN/vae_decoder_detail/vae" --out t2v/assets/default_model
   if [ -f "$RUN/retriever/model/retriever.json" ]; then
     rm -rf t2v/assets/shapes_retriever && cp -r "$RUN/retriever/model" t2v/assets/shapes_retriever
   fi
