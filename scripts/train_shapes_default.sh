@@ -5,8 +5,8 @@
 # 3. that decoder fine-tuned further with the detail term (one-pixel features), 4. the DiT on clips rendered
 # and encoded by the frozen VAE with MiniLM text, 5. its cool-down (learning rate decayed to 0), and a second
 # cool-down on fresh clips, 6. the video-text retriever used as the evaluation judge, 7. the fp16 pipeline folder
-# (twice-cooled DiT + fine-tuned decoder) in t2v/assets/default_model (SHIP=0 skips it). Each stage resumes from its last checkpoint when
-# rerun, and a finished stage is skipped. Extra key=value overrides per stage: VAE_ARGS, DECODER_ARGS,
+# (twice-cooled DiT + fine-tuned decoder) in t2v/assets/default_model (SHIP=0 skips it). Each stage resumes
+# from its last checkpoint when rerun, and a finished stage is skipped. Extra key=value overrides per stage: VAE_ARGS, DECODER_ARGS,
 # DETAIL_ARGS, DIT_ARGS, COOLDOWN_ARGS, COOLDOWN2_ARGS, RETRIEVER_ARGS. RETRIEVER=0 skips stage 6.
 # Runs on CUDA when available (minutes on one H100), otherwise on the CPU, where the DiT stages compile their
 # blocks (train.compile; DIT_COMPILE=false turns it off, DIT_COMPILE=true turns it on for CUDA).
