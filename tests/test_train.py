@@ -67,6 +67,13 @@ def test_config_errors_name_the_key(override, message):
         load_config(DEBUG, [override])
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_training_configs_load(path):
+    """Every config in configs/train (the Shapes recipe's stages among them) passes the typed checks."""
+    cfg = load_config(str(path))
+    assert cfg.output_dir and cfg.train.max_steps > 0
+
+
 def test_unknown_key_in_yaml_is_an_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("train:\n  max_step: 3\n")
     with pytest.raises(ValueError, match="train.max_step"):
