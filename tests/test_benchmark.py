@@ -86,3 +86,17 @@ def test_peak_memory_counts_live_allocations():
         del a, b
 
     assert bench.peak_memory_mb(fn, torch.device("cpu")) == pytest.approx(6.0, abs=0.1)
+
+
+def test_train_compile_benchmark_writes_json(tmp_path):
+    out = tmp_path / "compile.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_train_compile.py", "--config", "tiny", "--batch", "2", "--warmup", "0",
+         "--repeats", "1", "--device", "cpu", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row["config"] == "tiny" and row["batch"] == 2 and row["device"] == "cpu"
+    assert row["eager_s"] > 0 and row["compiled_s"] > 0 and row["compiled_first_call_s"] > 0
+    assert row["ratio"] == pytest.approx(row["compiled_s"] / row["eager_s"])
