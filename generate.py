@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="fixed flow shift of the sampling schedule (default: the model's scheduler)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-frames", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
@@ -61,6 +63,8 @@ def parse_and_check(argv: list[str] | None = None):
             parser.error(f"--{name.replace('_', '-')} {value} must be at least 1")
     if args.guidance is not None and args.guidance < 0:
         parser.error(f"--guidance {args.guidance} must be non-negative")
+    if args.shift is not None and not args.shift > 0:
+        parser.error(f"--shift {args.shift} must be positive")
     if args.model is not None and not os.path.isdir(args.model):
         parser.error(f"--model {args.model!r} is not a folder")
     return parser, args, prompts
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import t2v
     from pipelines import T2VPipeline
-    from t2v.generation import GenerationSettings, generate_to_folder
+    from t2v.generation import GenerationSettings, generate_to_folder, set_flow_shift
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = T2VPipeline.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    set_flow_shift(pipe, args.shift)
     settings = GenerationSettings(
         num_frames=args.num_frames,
         height=args.height,

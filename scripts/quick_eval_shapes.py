@@ -3,8 +3,8 @@
     python scripts/quick_eval_shapes.py --model t2v/assets/default_model --per-category 32 --json out.json
 
 Generates one video per prompt of `make_prompts(seed, per_category)` (seeds seed, seed + 1, ...) for each
-guidance scale, reads the attributes back from the frames and writes per-category accuracy. A quick check
-for a freshly trained model (e.g. on a machine without ffmpeg); the full evaluation with retrieval metrics
+guidance scale and flow shift, reads the attributes back from the frames and writes per-category accuracy. A
+quick check for a freshly trained model (e.g. on a machine without ffmpeg); the full evaluation with retrieval metrics
 is scripts/evaluate.py.
 """
 
@@ -30,14 +30,19 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--guidance", type=float, nargs="+", default=[None], help="default: the model's")
+    parser.add_argument("--shift", type=float, nargs="+", default=[None],
+                        help="fixed flow shifts to try (default: the model's scheduler)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size {args.batch_size} must be at least 1")
+    if any(s is not None and not s > 0 for s in args.shift):
+        raise SystemExit(f"--shift {args.shift} must all be positive")
 
     from pipelines import T2VPipeline
+    from t2v.generation import set_flow_shift
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     pipe = T2VPipeline.from_pretrained(args.model, torch_dtype=dtype).to(args.device)
@@ -45,8 +50,12 @@ def main():
     steps = args.steps or defaults["num_inference_steps"]
     rows = make_prompts(args.seed, args.per_category)
     result = {"model": args.model, "per_category": args.per_category, "steps": steps, "device": args.device}
-    for guidance in args.guidance:
+    scheduler = pipe.scheduler
+    for shift, guidance in [(s, g) for s in args.shift for g in args.guidance]:
+        pipe.scheduler = scheduler
+        set_flow_shift(pipe, shift)
         guidance = defaults["guidance_scale"] if guidance is None else guidance
+        key = f"guidance_{guidance:g}" if shift is None else f"shift_{shift:g}_guidance_{guidance:g}"
         start, videos = time.perf_counter(), []
         for b in range(0, len(rows), args.batch_size):
             batch = rows[b : b + args.batch_size]
@@ -58,8 +67,8 @@ def main():
         for category in dict.fromkeys(row["category"] for row in rows):
             picked = [i for i, row in enumerate(rows) if row["category"] == category]
             scores[category] = attribute_accuracy([videos[i] for i in picked], [rows[i]["record"] for i in picked])
-        result[f"guidance_{guidance:g}"] = {"seconds": time.perf_counter() - start, **scores}
-        print(json.dumps({f"guidance_{guidance:g}": {c: round(s["all"], 3) for c, s in scores.items()}}), flush=True)
+        result[key] = {"seconds": time.perf_counter() - start, **scores}
+        print(json.dumps({key: {c: round(s["all"], 3) for c, s in scores.items()}}), flush=True)
     if args.json:
         write_json(args.json, result)
 

@@ -36,6 +36,17 @@ class GenerationSettings:
         return GenerationSettings(**values)
 
 
+def set_flow_shift(pipe, shift: float | None) -> None:
+    """Sample with a fixed flow shift, sigma -> shift * sigma / (1 + (shift - 1) * sigma) (SD3's and Wan's `shift`),
+    in place of the scheduler's own schedule (the shipped default shifts by token count, Flux-style: 1.67 for
+    its 320 latent tokens). Larger values spend more of the steps at high noise. None keeps the scheduler."""
+    if shift is None:
+        return
+    if not shift > 0:
+        raise ValueError(f"flow shift {shift} must be positive")
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=shift, use_dynamic_shifting=False)
+
+
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
     """One prompt per line; blank lines are skipped. Raises ValueError for a missing or empty file."""
     path = Path(path)

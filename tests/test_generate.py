@@ -62,6 +62,7 @@ def test_generate_gif(model_dir, tmp_path):
         ["a prompt", "--dtype", "float16", "--device", "cpu:0"],
         ["a prompt", "--format", "avi"],
         ["a prompt", "--steps", "many"],
+        ["a prompt", "--shift", "0"],
     ],
 )
 def test_bad_arguments_exit_2(model_dir, tmp_path, args):
@@ -86,3 +87,34 @@ def test_rerun_into_same_folder_removes_only_its_stale_videos(tmp_path):
     generate_to_folder(pipe, ["d"], out, [0], settings, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["00000.gif", "manifest.jsonl", "notes.txt"]
     assert [json.loads(line)["prompt"] for line in (out / "manifest.jsonl").read_text().splitlines()] == ["d"]
+
+
+def test_set_flow_shift_replaces_the_schedule_and_changes_the_video():
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from t2v.generation import set_flow_shift
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)  # the shipped default's kind
+    before = pipe.scheduler
+    set_flow_shift(pipe, None)
+    assert pipe.scheduler is before
+
+    def sample():
+        return pipe(prompt="a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                    output_type="np").frames
+
+    default = sample()
+    sigmas = {}
+    for shift in (1.0, 4.0):
+        set_flow_shift(pipe, shift)
+        assert not pipe.scheduler.config.use_dynamic_shifting and pipe.scheduler.config.shift == shift
+        pipe.scheduler.set_timesteps(4)
+        sigmas[shift] = pipe.scheduler.sigmas[:-1].numpy()  # (4,) the noise levels the 4 steps start from
+    # Shift 1 is the plain linear schedule; a larger shift spends the steps at higher noise.
+    np.testing.assert_allclose(sigmas[1.0], np.linspace(1.0, 0.001, 4), atol=1e-4)
+    assert sigmas[4.0][0] == pytest.approx(1.0) and (sigmas[4.0][1:3] > sigmas[1.0][1:3] + 0.1).all()
+    assert not np.allclose(default, sample())
+    with pytest.raises(ValueError, match="must be positive"):
+        set_flow_shift(pipe, -1.0)
