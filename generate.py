@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--shift", type=float, default=None,
                    help="fixed flow shift of the sampling schedule (default: the model's scheduler)")
+    p.add_argument("--solver", choices=["euler", "unipc"], default=None,
+                   help="sampler (default: the model's); unipc needs --shift")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-frames", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
@@ -65,6 +67,8 @@ def parse_and_check(argv: list[str] | None = None):
         parser.error(f"--guidance {args.guidance} must be non-negative")
     if args.shift is not None and not args.shift > 0:
         parser.error(f"--shift {args.shift} must be positive")
+    if args.solver == "unipc" and args.shift is None:
+        parser.error("--solver unipc needs --shift (e.g. 1.67, the default model's)")
     if args.model is not None and not os.path.isdir(args.model):
         parser.error(f"--model {args.model!r} is not a folder")
     return parser, args, prompts
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import t2v
     from pipelines import T2VPipeline
-    from t2v.generation import GenerationSettings, generate_to_folder, set_flow_shift
+    from t2v.generation import GenerationSettings, generate_to_folder, set_sampler
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = T2VPipeline.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    set_flow_shift(pipe, args.shift)
+    set_sampler(pipe, args.shift, args.solver)
     settings = GenerationSettings(
         num_frames=args.num_frames,
         height=args.height,

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--shift", type=float, default=None, help="fixed flow shift (default: the model's scheduler)")
+    p.add_argument("--solver", choices=["euler", "unipc"], default=None, help="sampler (default: the model's)")
     p.add_argument("--num-frames", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -145,7 +146,7 @@ def generate(args, parser) -> str:
     import torch
 
     from pipelines import T2VPipeline
-    from t2v.generation import GenerationSettings, generate_to_folder, set_flow_shift
+    from t2v.generation import GenerationSettings, generate_to_folder, set_sampler
 
     rows = read_prompts(args.prompts)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -154,14 +155,15 @@ def generate(args, parser) -> str:
         parser.error("--dtype float16 is not supported on CPU (about 50x slower); use float32 or bfloat16")
     pipe = T2VPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype_name)).to(device)
     pipe.set_progress_bar_config(disable=True)
-    set_flow_shift(pipe, args.shift)
+    set_sampler(pipe, args.shift, args.solver)
     settings = GenerationSettings(
         num_frames=args.num_frames, height=args.height, width=args.width, num_inference_steps=args.steps,
         guidance_scale=args.guidance, format=args.format, batch_size=args.batch_size,
     )
     extra = [{key: row[key] for key in ("category", "record") if key in row} for row in rows]
-    if args.shift is not None:  # the manifest records every setting that differs from the model's
-        extra = [{**row, "flow_shift": args.shift} for row in extra]
+    for key, value in (("flow_shift", args.shift), ("solver", args.solver)):  # settings that differ from the model's
+        if value is not None:
+            extra = [{**row, key: value} for row in extra]
     out = os.path.join(args.out, "videos")
     seeds = [args.seed + i for i in range(len(rows))]
     generate_to_folder(pipe, [row["prompt"] for row in rows], out, seeds, settings, extra=extra)
@@ -330,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--dynamic-threshold and --report-videos must be non-negative")
     if args.shift is not None and not args.shift > 0:
         parser.error(f"--shift {args.shift} must be positive")
+    if args.solver == "unipc" and args.shift is None:
+        parser.error("--solver unipc needs --shift (e.g. 1.67, the default model's)")
 
     try:
         videos_dir = args.videos or os.path.join(args.out, "videos")

@@ -32,6 +32,7 @@ def main():
     parser.add_argument("--guidance", type=float, nargs="+", default=[None], help="default: the model's")
     parser.add_argument("--shift", type=float, nargs="+", default=[None],
                         help="fixed flow shifts to try (default: the model's scheduler)")
+    parser.add_argument("--solver", choices=["euler", "unipc"], default=None, help="default: the model's")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the result here")
@@ -40,20 +41,23 @@ def main():
         raise SystemExit(f"--batch-size {args.batch_size} must be at least 1")
     if any(s is not None and not s > 0 for s in args.shift):
         raise SystemExit(f"--shift {args.shift} must all be positive")
+    if args.solver == "unipc" and None in args.shift:
+        raise SystemExit("--solver unipc needs --shift values")
 
     from pipelines import T2VPipeline
-    from t2v.generation import set_flow_shift
+    from t2v.generation import set_sampler
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     pipe = T2VPipeline.from_pretrained(args.model, torch_dtype=dtype).to(args.device)
     defaults = pipe.config.generation_defaults
     steps = args.steps or defaults["num_inference_steps"]
     rows = make_prompts(args.seed, args.per_category)
-    result = {"model": args.model, "per_category": args.per_category, "steps": steps, "device": args.device}
+    result = {"model": args.model, "per_category": args.per_category, "steps": steps, "device": args.device,
+              "solver": args.solver or type(pipe.scheduler).__name__}
     scheduler = pipe.scheduler
     for shift, guidance in [(s, g) for s in args.shift for g in args.guidance]:
         pipe.scheduler = scheduler
-        set_flow_shift(pipe, shift)
+        set_sampler(pipe, shift, args.solver)
         guidance = defaults["guidance_scale"] if guidance is None else guidance
         key = f"guidance_{guidance:g}" if shift is None else f"shift_{shift:g}_guidance_{guidance:g}"
         start, videos = time.perf_counter(), []

@@ -36,15 +36,32 @@ class GenerationSettings:
         return GenerationSettings(**values)
 
 
-def set_flow_shift(pipe, shift: float | None) -> None:
-    """Sample with a fixed flow shift, sigma -> shift * sigma / (1 + (shift - 1) * sigma) (SD3's and Wan's `shift`),
-    in place of the scheduler's own schedule (the shipped default shifts by token count, Flux-style: 1.67 for
-    its 320 latent tokens). Larger values spend more of the steps at high noise. None keeps the scheduler."""
-    if shift is None:
-        return
-    if not shift > 0:
+SOLVERS = ("euler", "unipc")
+
+
+def set_sampler(pipe, shift: float | None = None, solver: str | None = None) -> None:
+    """Replace the pipeline's flow-matching sampler. `shift`: a fixed flow shift, sigma -> shift * sigma /
+    (1 + (shift - 1) * sigma) (SD3's and Wan's), in place of the scheduler's own schedule (the shipped default
+    shifts by token count, Flux-style: 1.67 for its 320 latent tokens); larger values spend more of the steps at
+    high noise. `solver`: "euler" (diffusers' FlowMatchEulerDiscreteScheduler, first order) or "unipc" (its
+    UniPCMultistepScheduler on flow sigmas, second order, as Wan samples; needs a shift). None keeps the
+    scheduler's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if shift is not None and not shift > 0:
         raise ValueError(f"flow shift {shift} must be positive")
-    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=shift, use_dynamic_shifting=False)
+    if solver is not None and solver not in SOLVERS:
+        raise ValueError(f"solver {solver!r} must be one of {SOLVERS}")
+    if solver == "unipc":
+        if shift is None:
+            raise ValueError("solver 'unipc' needs a fixed flow shift (e.g. 1.67, the default model's)")
+        pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                 flow_shift=shift)
+    elif solver == "euler" and not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift or 1.0)
+    elif shift is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=shift,
+                                                          use_dynamic_shifting=False)
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[str]:

@@ -63,6 +63,7 @@ def test_generate_gif(model_dir, tmp_path):
         ["a prompt", "--format", "avi"],
         ["a prompt", "--steps", "many"],
         ["a prompt", "--shift", "0"],
+        ["a prompt", "--solver", "unipc"],
     ],
 )
 def test_bad_arguments_exit_2(model_dir, tmp_path, args):
@@ -89,16 +90,16 @@ def test_rerun_into_same_folder_removes_only_its_stale_videos(tmp_path):
     assert [json.loads(line)["prompt"] for line in (out / "manifest.jsonl").read_text().splitlines()] == ["d"]
 
 
-def test_set_flow_shift_replaces_the_schedule_and_changes_the_video():
+def test_set_sampler_replaces_the_schedule_and_changes_the_video():
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from t2v.generation import set_flow_shift
+    from t2v.generation import set_sampler
 
     pipe = tiny_pipeline()
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)  # the shipped default's kind
     before = pipe.scheduler
-    set_flow_shift(pipe, None)
+    set_sampler(pipe, None)
     assert pipe.scheduler is before
 
     def sample():
@@ -108,7 +109,7 @@ def test_set_flow_shift_replaces_the_schedule_and_changes_the_video():
     default = sample()
     sigmas = {}
     for shift in (1.0, 4.0):
-        set_flow_shift(pipe, shift)
+        set_sampler(pipe, shift)
         assert not pipe.scheduler.config.use_dynamic_shifting and pipe.scheduler.config.shift == shift
         pipe.scheduler.set_timesteps(4)
         sigmas[shift] = pipe.scheduler.sigmas[:-1].numpy()  # (4,) the noise levels the 4 steps start from
@@ -117,4 +118,30 @@ def test_set_flow_shift_replaces_the_schedule_and_changes_the_video():
     assert sigmas[4.0][0] == pytest.approx(1.0) and (sigmas[4.0][1:3] > sigmas[1.0][1:3] + 0.1).all()
     assert not np.allclose(default, sample())
     with pytest.raises(ValueError, match="must be positive"):
-        set_flow_shift(pipe, -1.0)
+        set_sampler(pipe, -1.0)
+
+
+def test_unipc_solver_samples_the_flow_and_nears_euler_with_many_steps():
+    import torch
+
+    from t2v.generation import set_sampler
+
+    pipe = tiny_pipeline()
+
+    def sample(steps):
+        return pipe(prompt="a red circle", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                    output_type="latent").frames  # (1, C, f, h, w) the final latents
+
+    set_sampler(pipe, 2.0, "euler")
+    euler_4, euler_64 = sample(4), sample(64)
+    set_sampler(pipe, 2.0, "unipc")
+    assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+    unipc_4, unipc_64 = sample(4), sample(64)
+    # Both integrate the same ODE: with many steps they agree, and the second-order solver is closer to
+    # that answer at 4 steps than Euler is.
+    assert (unipc_64 - euler_64).abs().max() < 0.05 * euler_64.abs().max()
+    assert (unipc_4 - euler_64).abs().mean() < (euler_4 - euler_64).abs().mean()
+    with pytest.raises(ValueError, match="needs a fixed flow shift"):
+        set_sampler(pipe, None, "unipc")
+    with pytest.raises(ValueError, match="must be one of"):
+        set_sampler(pipe, 1.0, "heun")
