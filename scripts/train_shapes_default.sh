@@ -4,11 +4,12 @@
 # 1. the causal VAE on rendered clips, 2. its decoder fine-tuned with the encoder frozen (same latents),
 # 3. that decoder fine-tuned further with the detail term (one-pixel features), 4. once more with a heavier
 # detail term, 5. the DiT on clips rendered and encoded by the frozen VAE with MiniLM text, 6. its cool-down
-# (learning rate decayed to 0), and a second cool-down on fresh clips, 7. the video-text retriever used as the
-# evaluation judge, 8. the fp16 pipeline folder (twice-cooled DiT + last decoder) in t2v/assets/default_model
+# (learning rate decayed to 0), then a second and a third cool-down on fresh clips, 7. the video-text retriever
+# used as the evaluation judge, 8. the fp16 pipeline folder (thrice-cooled DiT + last decoder) in
+# t2v/assets/default_model
 # (SHIP=0 skips it). Each stage resumes from its last checkpoint when rerun, and a finished stage is skipped.
 # Extra key=value overrides per stage: VAE_ARGS, DECODER_ARGS, DETAIL_ARGS, DETAIL2_ARGS, DIT_ARGS,
-# COOLDOWN_ARGS, COOLDOWN2_ARGS, RETRIEVER_ARGS. RETRIEVER=0 skips stage 7.
+# COOLDOWN_ARGS, COOLDOWN2_ARGS, COOLDOWN3_ARGS, RETRIEVER_ARGS. RETRIEVER=0 skips stage 7.
 # Runs on CUDA when available (minutes on one H100), otherwise on the CPU, where the DiT stages compile their
 # blocks (train.compile; DIT_COMPILE=false turns it off, DIT_COMPILE=true turns it on for CUDA).
 set -euo pipefail
@@ -55,6 +56,12 @@ if [ ! -f "$RUN/dit_cooldown2/pipeline/model_index.json" ]; then
     model.dit="$RUN/dit_cooldown/pipeline/transformer" model.vae="$RUN/vae/vae" train.compile="$DIT_COMPILE" \
     resume=latest ${COOLDOWN2_ARGS:-}
 fi
+if [ ! -f "$RUN/dit_cooldown3/pipeline/model_index.json" ]; then
+  echo "[shapes] 6/8 DiT third cool-down"
+  python scripts/train.py --config configs/train/shapes_dit_cooldown3.yaml output_dir="$RUN/dit_cooldown3" \
+    model.dit="$RUN/dit_cooldown2/pipeline/transformer" model.vae="$RUN/vae/vae" train.compile="$DIT_COMPILE" \
+    resume=latest ${COOLDOWN3_ARGS:-}
+fi
 if [ "${RETRIEVER:-1}" = "1" ] && [ ! -f "$RUN/retriever/model/retriever.json" ]; then
   echo "[shapes] 7/8 retriever"
   python scripts/train_retriever.py --config configs/retriever/shapes.yaml output_dir="$RUN/retriever" \
@@ -62,7 +69,7 @@ if [ "${RETRIEVER:-1}" = "1" ] && [ ! -f "$RUN/retriever/model/retriever.json" ]
 fi
 if [ "${SHIP:-1}" = "1" ]; then
   echo "[shapes] 8/8 ship"
-  python scripts/ship_default.py --pipeline "$RUN/dit_cooldown2/pipeline" --vae "$RUN/vae_decoder_detail2/vae" --guidance 3 \
+  python scripts/ship_default.py --pipeline "$RUN/dit_cooldown3/pipeline" --vae "$RUN/vae_decoder_detail2/vae" --guidance 3 \
     --out t2v/assets/default_model
   if [ -f "$RUN/retriever/model/retriever.json" ]; then
     rm -rf t2v/assets/shapes_retriever && cp -r "$RUN/retriever/model" t2v/assets/shapes_retriever
