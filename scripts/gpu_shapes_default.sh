@@ -75,8 +75,8 @@ if [ "$status" != 0 ]; then
     echo "training exit status $status after ${SECONDS}s" | tee -a "$LOG"; pack; exit "$status"
 fi
 
-python scripts/ship_default.py --pipeline "$RUN/dit_cooldown3/pipeline" --vae "$RUN/vae_decoder_detail2/vae" --guidance 3 \
-    --out "$RES/default_model" \
+python scripts/ship_default.py --pipeline "$RUN/dit_cooldown3/pipeline" --vae "$RUN/vae_decoder_detail2/vae" \
+    --guidance 3 --shift 3 --out "$RES/default_model" \
     2>&1 | tail -n 2 | tee -a "$LOG"
 python scripts/eval_shapes_vae.py --vae "$RES/default_model/vae" --num 64 --seed 11 --json "$RES/vae_readback.json" \
     2>&1 | tail -n 3 | tee -a "$LOG"

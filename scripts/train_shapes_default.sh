@@ -69,8 +69,8 @@ if [ "${RETRIEVER:-1}" = "1" ] && [ ! -f "$RUN/retriever/model/retriever.json" ]
 fi
 if [ "${SHIP:-1}" = "1" ]; then
   echo "[shapes] 8/8 ship"
-  python scripts/ship_default.py --pipeline "$RUN/dit_cooldown3/pipeline" --vae "$RUN/vae_decoder_detail2/vae" --guidance 3 \
-    --out t2v/assets/default_model
+  python scripts/ship_default.py --pipeline "$RUN/dit_cooldown3/pipeline" --vae "$RUN/vae_decoder_detail2/vae" \
+    --guidance 3 --shift 3 --out t2v/assets/default_model
   if [ -f "$RUN/retriever/model/retriever.json" ]; then
     rm -rf t2v/assets/shapes_retriever && cp -r "$RUN/retriever/model" t2v/assets/shapes_retriever
   fi
