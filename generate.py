@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_and_check(argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    from t2v.generation import read_prompt_file
+    from t2v.generation import read_prompt_file, sampler_error
 
     prompts = list(args.prompts)
     if args.prompt_file:
@@ -65,10 +65,8 @@ def parse_and_check(argv: list[str] | None = None):
             parser.error(f"--{name.replace('_', '-')} {value} must be at least 1")
     if args.guidance is not None and args.guidance < 0:
         parser.error(f"--guidance {args.guidance} must be non-negative")
-    if args.shift is not None and not args.shift > 0:
-        parser.error(f"--shift {args.shift} must be positive")
-    if args.solver == "unipc" and args.shift is None:
-        parser.error("--solver unipc needs --shift (e.g. 1.67, the default model's)")
+    if (error := sampler_error(args.shift, args.solver)) is not None:
+        parser.error(f"--shift {args.shift} --solver {args.solver}: {error}")
     if args.model is not None and not os.path.isdir(args.model):
         parser.error(f"--model {args.model!r} is not a folder")
     return parser, args, prompts

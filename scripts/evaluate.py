@@ -330,10 +330,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} {value} must be at least 1")
     if args.dynamic_threshold < 0 or args.report_videos < 0:
         parser.error("--dynamic-threshold and --report-videos must be non-negative")
-    if args.shift is not None and not args.shift > 0:
-        parser.error(f"--shift {args.shift} must be positive")
-    if args.solver == "unipc" and args.shift is None:
-        parser.error("--solver unipc needs --shift (e.g. 1.67, the default model's)")
+    from t2v.generation import sampler_error
+
+    if (error := sampler_error(args.shift, args.solver)) is not None:
+        parser.error(f"--shift {args.shift} --solver {args.solver}: {error}")
 
     try:
         videos_dir = args.videos or os.path.join(args.out, "videos")

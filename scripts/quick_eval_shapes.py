@@ -39,13 +39,12 @@ def main():
     args = parser.parse_args()
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size {args.batch_size} must be at least 1")
-    if any(s is not None and not s > 0 for s in args.shift):
-        raise SystemExit(f"--shift {args.shift} must all be positive")
-    if args.solver == "unipc" and None in args.shift:
-        raise SystemExit("--solver unipc needs --shift values")
-
     from pipelines import T2VPipeline
-    from t2v.generation import set_sampler
+    from t2v.generation import sampler_error, set_sampler
+
+    for shift in args.shift:
+        if (error := sampler_error(shift, args.solver)) is not None:
+            raise SystemExit(f"--shift {shift} --solver {args.solver}: {error}")
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     pipe = T2VPipeline.from_pretrained(args.model, torch_dtype=dtype).to(args.device)

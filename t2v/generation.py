@@ -39,22 +39,30 @@ class GenerationSettings:
 SOLVERS = ("euler", "unipc")
 
 
+def sampler_error(shift: float | None, solver: str | None) -> str | None:
+    """Why `set_sampler(pipe, shift, solver)` would refuse these values, or None when they are valid."""
+    if shift is not None and not shift > 0:
+        return f"flow shift {shift} must be positive"
+    if solver is not None and solver not in SOLVERS:
+        return f"solver {solver!r} must be one of {SOLVERS}"
+    if solver == "unipc" and shift is None:
+        return "solver 'unipc' needs a fixed flow shift (e.g. 3, the default model's)"
+    return None
+
+
 def set_sampler(pipe, shift: float | None = None, solver: str | None = None) -> None:
     """Replace the pipeline's flow-matching sampler. `shift`: a fixed flow shift, sigma -> shift * sigma /
     (1 + (shift - 1) * sigma) (SD3's and Wan's), in place of the scheduler's own schedule (the shipped default
-    shifts by token count, Flux-style: 1.67 for its 320 latent tokens); larger values spend more of the steps at
-    high noise. `solver`: "euler" (diffusers' FlowMatchEulerDiscreteScheduler, first order) or "unipc" (its
-    UniPCMultistepScheduler on flow sigmas, second order, as Wan samples; needs a shift). None keeps the
-    scheduler's."""
+    has a fixed shift 3; a training run's pipeline shifts by token count, Flux-style: 1.67 for 320 latent
+    tokens); larger values spend more of the steps at high noise. `solver`: "euler" (diffusers'
+    FlowMatchEulerDiscreteScheduler, first order) or "unipc" (its UniPCMultistepScheduler on flow sigmas, second
+    order, as Wan samples; needs a shift). None keeps the scheduler's."""
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-    if shift is not None and not shift > 0:
-        raise ValueError(f"flow shift {shift} must be positive")
-    if solver is not None and solver not in SOLVERS:
-        raise ValueError(f"solver {solver!r} must be one of {SOLVERS}")
+    error = sampler_error(shift, solver)
+    if error is not None:
+        raise ValueError(error)
     if solver == "unipc":
-        if shift is None:
-            raise ValueError("solver 'unipc' needs a fixed flow shift (e.g. 1.67, the default model's)")
         pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                  flow_shift=shift)
     elif solver == "euler" and not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
