@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 SOURCES = ("manifest", "cache", "shapes")
+SHAPES_WORDINGS = ("base", "wide")  # t2v.data.shapes.WORDINGS
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("bf16", "fp32", "fp16")
 BACKENDS = ("none", "ddp", "deepspeed")
@@ -83,6 +84,8 @@ class DataConfig:
     num_workers: int = 0
     # Shapes World stream (source=shapes): share of canonical captions (the rest paraphrased).
     canonical_prob: float = 0.5
+    # Shapes World paraphrase tables: "base", or "wide" (more synonyms and sentence frames; t2v.data.shapes).
+    wordings: str = "base"
     # Share of 1-frame (image) batches in VAE training with source=shapes.
     image_batch_prob: float = 0.0
     # VAE training: random windows of this many frames (1 + k * temporal ratio; 0 = whole clips), far cheaper
@@ -93,6 +96,7 @@ class DataConfig:
         _check_choice("data.source", self.source, SOURCES)
         _check_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
         _check_range("data.canonical_prob", self.canonical_prob, 0.0, 1.0)
+        _check_choice("data.wordings", self.wordings, SHAPES_WORDINGS)
         _check_range("data.image_batch_prob", self.image_batch_prob, 0.0, 1.0)
         for name in ("frames", "height", "width", "batch_size"):
             if getattr(self, name) < 1:

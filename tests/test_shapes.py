@@ -14,6 +14,7 @@ from t2v.data.shapes import (
     HELD_OUT,
     ShapesStream,
     canonical_caption,
+    caption_for,
     eval_paraphrase,
     paraphrase,
     render,
@@ -142,12 +143,17 @@ def test_eval_wordings_are_disjoint_from_training_wordings():
     records = _records(7, 400)
     train = {canonical_caption(r) for r in records}
     for record in records:
-        train.update(paraphrase(record, rng) for _ in range(8))
+        for wordings in shapes.WORDINGS:
+            train.update(paraphrase(record, rng, wordings) for _ in range(8))
     evaluation = {eval_paraphrase(r, rng) for r in records for _ in range(3)}
     assert not train & evaluation
-    train_words = {w.strip(",:") for caption in train for w in caption.split()}
+    train_words = {w.strip(",:;") for caption in train for w in caption.split()}
     for caption in evaluation:
-        assert {w.strip(",:") for w in caption.split()} - train_words, caption
+        assert {w.strip(",:;") for w in caption.split()} - train_words, caption
+    # The evaluation's own size, motion and background words stay out of every training table.
+    assert not train_words & {"huge", "miniature", "backdrop", "travelling", "gliding", "rising", "sinking",
+                              "remaining", "stationary", "holding", "frozen", "pale", "edge", "alongside",
+                              "together", "leftwards", "rightwards", "upwards", "downwards", "against"}
     # Training wordings are varied: one record gets many distinct captions.
     assert len({paraphrase(records[0], rng) for _ in range(200)}) > 40
     # Every wording names every colour and shape.
@@ -155,6 +161,24 @@ def test_eval_wordings_are_disjoint_from_training_wordings():
         for caption in (paraphrase(record, rng), eval_paraphrase(record, rng)):
             for obj in record["objects"]:
                 assert obj["colour"] in caption and obj["shape"] in caption
+
+
+def test_wide_wordings_extend_the_base_tables():
+    records = _records(9, 200)
+    rng = np.random.default_rng(1)
+    base = {paraphrase(r, rng, "base") for r in records for _ in range(4)}
+    wide = {paraphrase(r, rng, "wide") for r in records for _ in range(4)}
+    words = lambda captions: {w.strip(",:;") for c in captions for w in c.split()}  # noqa: E731
+    assert {"enormous", "descends", "canvas", "clip"} <= words(wide) - words(base)
+    # Articles agree with the word after them, whatever the size word.
+    assert not any(f" a {v}" in f" {c}" for c in wide for v in ("enormous", "oversized", "orange"))
+    # The "base" draws are those of the default (the streams of earlier configs do not change).
+    first, second = np.random.default_rng(2), np.random.default_rng(2)
+    assert [caption_for(r, first, 0.5) for r in records] == [caption_for(r, second, 0.5, "base") for r in records]
+    with pytest.raises(ValueError, match="wordings 'wider' must be one of"):
+        paraphrase(records[0], rng, "wider")
+    with pytest.raises(ValueError, match="wordings 'x'"):
+        sample_batch(rng, 2, wordings="x")
 
 
 def test_read_back_is_exact_on_rendered_videos():

@@ -58,6 +58,7 @@ def test_config_yaml_and_overrides(tmp_path):
         ("train.max_steps=many", "train.max_steps"),
         ("train.lr_schedule=step", "lr_schedule"),
         ("data.source=folder", "data.source"),
+        ("data.wordings=narrow", "data.wordings"),
         ("distributed.backend=mpi", "distributed.backend"),
         ("train.max_steps", "key=value"),
     ],

@@ -308,6 +308,49 @@ _TRAIN_TWO = ("{np1} {ing1} and {np2} {ing2} {bg}", "{bg}, {np1} {verb1} and {np
               "{np1} {verb1} while {np2} {verb2} {bg}", "{bg}, {np1} {ing1} and {np2} {ing2}",
               "{np1} {verb1} and {np2} {verb2} {bg}")
 
+# Extra training wordings for data.wordings="wide": more synonyms, verbs and sentence frames for the same
+# meanings, so that the text model's neighbourhood of a word, not the word itself, carries the meaning. None
+# of them is an evaluation word (tests/test_shapes.py checks it).
+_WIDE_SIZE = {"small": ("compact", "petite", "wee"), "large": ("giant", "enormous", "massive", "oversized")}
+_WIDE_ING = {
+    "moving left": ("floating left", "shifting left", "creeping left", "scrolling left", "making its way left"),
+    "moving right": ("floating right", "shifting right", "creeping right", "scrolling right",
+                     "making its way right"),
+    "moving up": ("floating up", "shifting up", "climbing", "ascending", "lifting up"),
+    "moving down": ("floating down", "shifting down", "falling", "descending", "dropping"),
+    "staying still": ("standing still", "at rest", "static", "unmoving", "keeping still"),
+}
+_WIDE_VERB = {
+    "moving left": ("floats left", "shifts left", "creeps left", "scrolls left", "makes its way left"),
+    "moving right": ("floats right", "shifts right", "creeps right", "scrolls right", "makes its way right"),
+    "moving up": ("floats up", "shifts up", "climbs", "ascends", "lifts up"),
+    "moving down": ("floats down", "shifts down", "falls", "descends", "drops"),
+    "staying still": ("stands still", "stays at rest", "is static", "keeps still", "does not budge"),
+}
+_WIDE_BG = {
+    "black": ("with a black background", "on a plain black background", "on a black canvas", "over a dark field"),
+    "white": ("with a white background", "on a plain white background", "on a white canvas", "over a bright field"),
+}
+_WIDE_NP = ("the {size} {colour} {shape}", "a single {size} {colour} {shape}", "a {colour} {shape} of {size} size")
+_WIDE_ONE = ("a clip of {np} {ing} {bg}", "{np} that {verb} {bg}", "{bg} {np} {verb}")
+_WIDE_TWO = ("{np1} {ing1} plus {np2} {ing2} {bg}", "{bg}, {np1} {verb1} as {np2} {verb2}",
+             "a clip of {np1} {ing1} and {np2} {ing2} {bg}", "{np1} {verb1}; {np2} {verb2} {bg}")
+
+
+def _widen(base: dict, extra: dict) -> dict:
+    return {key: base[key] + extra[key] for key in base}
+
+
+# data.wordings -> the tables a training paraphrase draws from.
+_WORDING_TABLES = {
+    "base": {"size": _TRAIN_SIZE, "ing": _TRAIN_ING, "verb": _TRAIN_VERB, "bg": _TRAIN_BG, "np": _TRAIN_NP,
+             "one": _TRAIN_ONE, "two": _TRAIN_TWO},
+    "wide": {"size": _widen(_TRAIN_SIZE, _WIDE_SIZE), "ing": _widen(_TRAIN_ING, _WIDE_ING),
+             "verb": _widen(_TRAIN_VERB, _WIDE_VERB), "bg": _widen(_TRAIN_BG, _WIDE_BG),
+             "np": _TRAIN_NP + _WIDE_NP, "one": _TRAIN_ONE + _WIDE_ONE, "two": _TRAIN_TWO + _WIDE_TWO},
+}
+WORDINGS = tuple(_WORDING_TABLES)
+
 _EVAL_SIZE = {"small": ("small", "miniature"), "large": ("large", "huge")}
 _EVAL_MOTION = {
     "moving left": ("travelling leftwards", "gliding leftwards", "travelling toward the left edge"),
@@ -334,31 +377,43 @@ def _pick(rng: np.random.Generator, options):
     return options[rng.integers(len(options))]
 
 
-def _train_np(obj: dict, rng: np.random.Generator) -> str:
-    template = _pick(rng, _TRAIN_NP)
-    size = _pick(rng, _TRAIN_SIZE[obj["size"]])
-    return template.format(size=size, colour=obj["colour"], shape=obj["shape"], art=_article(obj["colour"]))
+def _train_np(obj: dict, rng: np.random.Generator, tables: dict) -> str:
+    template = _pick(rng, tables["np"])
+    size = _pick(rng, tables["size"][obj["size"]])
+    phrase = template.format(size=size, colour=obj["colour"], shape=obj["shape"], art=_article(obj["colour"]))
+    first, rest = phrase.split(" ", 1)
+    return f"{_article(rest)} {rest}" if first in ("a", "an") else phrase  # "an enormous", "an orange"
 
 
-def paraphrase(record: dict, rng: np.random.Generator) -> str:
-    """A training wording of the record (varied order, verbs, synonyms; size sometimes left out)."""
+def _check_wordings(wordings: str) -> dict:
+    if wordings not in _WORDING_TABLES:
+        raise ValueError(f"wordings {wordings!r} must be one of {WORDINGS}")
+    return _WORDING_TABLES[wordings]
+
+
+def paraphrase(record: dict, rng: np.random.Generator, wordings: str = "base") -> str:
+    """A training wording of the record (varied order, verbs, synonyms; size sometimes left out).
+
+    wordings: "base" (the first training tables) or "wide" (those plus more synonyms and sentence frames).
+    """
+    tables = _check_wordings(wordings)
     validate_record(record)
     objects = list(record["objects"])
-    bg = _pick(rng, _TRAIN_BG[record["background"]])
+    bg = _pick(rng, tables["bg"][record["background"]])
     if len(objects) == 1:
         (obj,) = objects
-        return _pick(rng, _TRAIN_ONE).format(
-            np=_train_np(obj, rng), ing=_pick(rng, _TRAIN_ING[obj["motion"]]),
-            verb=_pick(rng, _TRAIN_VERB[obj["motion"]]), bg=bg,
+        return _pick(rng, tables["one"]).format(
+            np=_train_np(obj, rng, tables), ing=_pick(rng, tables["ing"][obj["motion"]]),
+            verb=_pick(rng, tables["verb"][obj["motion"]]), bg=bg,
         )
     if rng.random() < 0.5:
         objects.reverse()
     first, second = objects
-    return _pick(rng, _TRAIN_TWO).format(
-        np1=_train_np(first, rng), ing1=_pick(rng, _TRAIN_ING[first["motion"]]),
-        verb1=_pick(rng, _TRAIN_VERB[first["motion"]]),
-        np2=_train_np(second, rng), ing2=_pick(rng, _TRAIN_ING[second["motion"]]),
-        verb2=_pick(rng, _TRAIN_VERB[second["motion"]]), bg=bg,
+    return _pick(rng, tables["two"]).format(
+        np1=_train_np(first, rng, tables), ing1=_pick(rng, tables["ing"][first["motion"]]),
+        verb1=_pick(rng, tables["verb"][first["motion"]]),
+        np2=_train_np(second, rng, tables), ing2=_pick(rng, tables["ing"][second["motion"]]),
+        verb2=_pick(rng, tables["verb"][second["motion"]]), bg=bg,
     )
 
 
@@ -391,11 +446,12 @@ def eval_paraphrase(record: dict, rng: np.random.Generator) -> str:
     return template.format(bg=bg, **values)
 
 
-def caption_for(record: dict, rng: np.random.Generator, canonical_prob: float) -> str:
-    """Canonical caption with probability `canonical_prob`, else a training paraphrase."""
+def caption_for(record: dict, rng: np.random.Generator, canonical_prob: float, wordings: str = "base") -> str:
+    """Canonical caption with probability `canonical_prob`, else a training paraphrase from `wordings`."""
     if not 0.0 <= canonical_prob <= 1.0:
         raise ValueError(f"canonical_prob {canonical_prob} must be in [0, 1]")
-    return canonical_caption(record) if rng.random() < canonical_prob else paraphrase(record, rng)
+    _check_wordings(wordings)
+    return canonical_caption(record) if rng.random() < canonical_prob else paraphrase(record, rng, wordings)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,12 +460,13 @@ def caption_for(record: dict, rng: np.random.Generator, canonical_prob: float) -
 
 
 def sample_batch(rng: np.random.Generator, batch_size: int, split: str = "train", canonical_prob: float = 0.5,
-                 device="cpu") -> tuple[torch.Tensor, list[str], list[dict]]:
+                 device="cpu", wordings: str = "base") -> tuple[torch.Tensor, list[str], list[dict]]:
     """Draw and render a batch: videos uint8 (B, T, H, W, 3) on `device`, captions, records."""
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size} must be >= 1")
+    _check_wordings(wordings)
     records = [sample_record(rng, split=split) for _ in range(batch_size)]
-    captions = [caption_for(record, rng, canonical_prob) for record in records]
+    captions = [caption_for(record, rng, canonical_prob, wordings) for record in records]
     return render_batch(records, device=device), captions, records
 
 
@@ -421,9 +478,11 @@ class ShapesStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, seed: int = 0, split: str = "train", canonical_prob: float = 0.5, rank: int = 0,
-                 world_size: int = 1, start_index: int = 0):
+                 world_size: int = 1, start_index: int = 0, wordings: str = "base"):
         super().__init__()
         _check_split(split)
+        _check_wordings(wordings)
+        self.wordings = wordings
         if not 0.0 <= canonical_prob <= 1.0:
             raise ValueError(f"canonical_prob {canonical_prob} must be in [0, 1]")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -441,7 +500,7 @@ class ShapesStream(torch.utils.data.IterableDataset):
         while True:
             rng = np.random.default_rng([self.seed, shard, index])
             record = sample_record(rng, split=self.split)
-            caption = caption_for(record, rng, self.canonical_prob)
+            caption = caption_for(record, rng, self.canonical_prob, self.wordings)
             yield {"video": torch.from_numpy(render(record)), "caption": caption, "record": record}
             index += 1
 

@@ -87,7 +87,7 @@ class DiTTask:
         else:
             self.dataset = None
             self.stream = trainer.ShapesBatches(data.batch_size, seed, rank, data.canonical_prob,
-                                                data.caption_dropout, self.device)
+                                                data.caption_dropout, self.device, wordings=data.wordings)
 
     def _cache_stream(self, rank: int, world_size: int):
         from t2v.data.buckets import Bucket, BucketBatchSampler
