@@ -97,6 +97,9 @@ class DataConfig:
         _check_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
         _check_range("data.canonical_prob", self.canonical_prob, 0.0, 1.0)
         _check_choice("data.wordings", self.wordings, SHAPES_WORDINGS)
+        if self.wordings != "base" and self.source != "shapes":
+            raise ValueError(f"data.wordings={self.wordings!r} words the Shapes World stream; it needs "
+                             f"data.source=shapes, got {self.source!r}")
         _check_range("data.image_batch_prob", self.image_batch_prob, 0.0, 1.0)
         for name in ("frames", "height", "width", "batch_size"):
             if getattr(self, name) < 1:

@@ -14,7 +14,6 @@ from t2v.data.shapes import (
     HELD_OUT,
     ShapesStream,
     canonical_caption,
-    caption_for,
     eval_paraphrase,
     paraphrase,
     render,
@@ -154,6 +153,21 @@ def test_eval_wordings_are_disjoint_from_training_wordings():
     assert not train_words & {"huge", "miniature", "backdrop", "travelling", "gliding", "rising", "sinking",
                               "remaining", "stationary", "holding", "frozen", "pale", "edge", "alongside",
                               "together", "leftwards", "rightwards", "upwards", "downwards", "against"}
+    # The same from the tables themselves: the words of the evaluation tables that any training table also
+    # uses are function words and the attribute values' own names, nothing else.
+    def table_words(table):
+        if isinstance(table, dict):
+            return set().union(*map(table_words, table.values()))
+        if isinstance(table, tuple):
+            return set().union(*map(table_words, table))
+        return {w.strip(",:;") for w in table.split() if not w.startswith("{")}
+
+    evaluation_words = table_words((shapes._EVAL_SIZE, shapes._EVAL_MOTION, shapes._EVAL_BG, shapes._EVAL_ONE,
+                                    shapes._EVAL_TWO))
+    for wordings, tables in shapes._WORDING_TABLES.items():
+        shared = evaluation_words & table_words(tuple(tables.values()))
+        assert shared <= {"a", "the", "in", "is", "its", "of", "one", "with", "place", "black", "white", "dark",
+                          "large", "small", "left", "right"}, (wordings, shared)
     # Training wordings are varied: one record gets many distinct captions.
     assert len({paraphrase(records[0], rng) for _ in range(200)}) > 40
     # Every wording names every colour and shape.
@@ -172,9 +186,22 @@ def test_wide_wordings_extend_the_base_tables():
     assert {"enormous", "descends", "canvas", "clip"} <= words(wide) - words(base)
     # Articles agree with the word after them, whatever the size word.
     assert not any(f" a {v}" in f" {c}" for c in wide for v in ("enormous", "oversized", "orange"))
-    # The "base" draws are those of the default (the streams of earlier configs do not change).
-    first, second = np.random.default_rng(2), np.random.default_rng(2)
-    assert [caption_for(r, first, 0.5) for r in records] == [caption_for(r, second, 0.5, "base") for r in records]
+    # Every wide wording names each object's colour, shape and motion, and the background.
+    motion_phrases = {m: [phrase for table in (shapes._WIDE_ING, shapes._WIDE_VERB, shapes._TRAIN_ING,
+                                               shapes._TRAIN_VERB) for phrase in table[m]] for m in shapes.MOTIONS}
+    bg_words = {"black": {"black", "dark"}, "white": {"white", "light", "bright"}}
+    for record in records[:100]:
+        caption = paraphrase(record, rng, "wide")
+        said = set(caption.replace(",", " ").replace(";", " ").split())
+        assert said & bg_words[record["background"]], caption
+        for obj in record["objects"]:
+            assert {obj["colour"], obj["shape"]} <= said, caption
+            assert any(f" {phrase}" in f" {caption} " for phrase in motion_phrases[obj["motion"]]), caption
+    # "base" draws what the tables drew before "wide" existed (captions fixed from that code, seed 21).
+    rng = np.random.default_rng(21)
+    assert [paraphrase(r, rng, "base") for r in [sample_record(rng) for _ in range(4)]] == [
+        "a small yellow square goes down on black", "a cyan triangle heads up over white",
+        "on white, a purple circle slides to the left", "on white, a big circle in green sits still"]
     with pytest.raises(ValueError, match="wordings 'wider' must be one of"):
         paraphrase(records[0], rng, "wider")
     with pytest.raises(ValueError, match="wordings 'x'"):

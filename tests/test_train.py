@@ -59,6 +59,7 @@ def test_config_yaml_and_overrides(tmp_path):
         ("train.lr_schedule=step", "lr_schedule"),
         ("data.source=folder", "data.source"),
         ("data.wordings=narrow", "data.wordings"),
+        ("data.wordings=wide", "needs data.source=shapes"),
         ("distributed.backend=mpi", "distributed.backend"),
         ("train.max_steps", "key=value"),
     ],
