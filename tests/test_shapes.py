@@ -202,6 +202,9 @@ def test_wide_wordings_extend_the_base_tables():
     assert [paraphrase(r, rng, "base") for r in [sample_record(rng) for _ in range(4)]] == [
         "a small yellow square goes down on black", "a cyan triangle heads up over white",
         "on white, a purple circle slides to the left", "on white, a big circle in green sits still"]
+    from t2v.config import SHAPES_WORDINGS
+
+    assert SHAPES_WORDINGS == shapes.WORDINGS  # the typed config accepts exactly the tables that exist
     with pytest.raises(ValueError, match="wordings 'wider' must be one of"):
         paraphrase(records[0], rng, "wider")
     with pytest.raises(ValueError, match="wordings 'x'"):
