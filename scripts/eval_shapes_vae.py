@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--split", choices=["train", "heldout"], default="train")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shape-rule", choices=["template", "fill"], default="template",
+                        help="shape read-back: template (best soft template) or fill (bounding-box fill)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
@@ -30,7 +32,8 @@ def main(argv=None) -> int:
     if next(vae.parameters()).dtype != torch.float32:  # shipped weights are fp16; fp16 on CPU is very slow
         vae = vae.float()
     result = {"vae": args.vae, "num": args.num, "seed": args.seed, "split": args.split,
-              **vae_readback(vae, args.num, args.seed, args.split, args.batch_size)}
+              "shape_rule": args.shape_rule,
+              **vae_readback(vae, args.num, args.seed, args.split, args.batch_size, shape_method=args.shape_rule)}
     print(json.dumps(result, indent=1))
     if args.json:
         write_json(args.json, result)

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="generator dtype (default: float32 on CPU, bfloat16 on CUDA); scorers run in float32")
+    p.add_argument("--shape-rule", choices=["template", "fill"], default="template",
+                   help="score: Shapes World shape read-back, template (best soft template) or fill (box fill)")
     p.add_argument("--dynamic-threshold", type=float, default=10.0,
                    help="dynamic degree: motion magnitude (top-5%% frame difference, 0-255) above which a video moves")
     p.add_argument("--r-precision-distractors", type=int, default=99,
@@ -199,7 +201,8 @@ def score_set(scorer, rows: list[dict], args, num_gifs: int = 0, chunk: int = 32
         else:  # undefined for 2-frame videos
             smooth.append(np.full(len(videos), np.nan))
         moving.append(dynamic_degree(videos, args.dynamic_threshold, per_video=True))
-        shapes += [score(read_back(v), row["record"]) if row["record"] else None for v, row in zip(videos, batch)]
+        shapes += [score(read_back(v, args.shape_rule), row["record"]) if row["record"] else None
+                   for v, row in zip(videos, batch)]
         gifs += [video_gif_base64(v) for v in videos[: max(0, num_gifs - start)]]
         print(f"scored {min(start + chunk, len(rows))}/{len(rows)} videos", flush=True)
     return {
@@ -266,7 +269,8 @@ def score_stage(args, videos_dir: str) -> dict:
     scorer = load_scorer(args.scorer, device=args.device)
     result = score_set(scorer, rows, args, num_gifs=args.report_videos)
     generated, t2v_ranks, v2t_ranks = summarize(result, rows, args)
-    metrics = {"scorer": args.scorer, "videos": os.path.abspath(videos_dir), "generated": generated}
+    metrics = {"scorer": args.scorer, "shape_rule": args.shape_rule, "videos": os.path.abspath(videos_dir),
+               "generated": generated}
     if args.reference:
         ref_rows = read_folder(args.reference)
         ref = score_set(scorer, ref_rows, args)

@@ -14,13 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `t2v`, `pipelines`
 from t2v.data.shapes import make_prompts  # noqa: E402
 from t2v.eval.report import write_json  # noqa: E402
-from t2v.eval.shapes_readback import attribute_accuracy  # noqa: E402
+from t2v.eval.shapes_eval import generate_frames, readback_by_category  # noqa: E402
 
 
 def main():
@@ -34,6 +33,8 @@ def main():
                         help="fixed flow shifts to try (default: the model's scheduler)")
     parser.add_argument("--solver", choices=["euler", "unipc"], default=None, help="default: the model's")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shape-rule", choices=["template", "fill"], default="template",
+                        help="shape read-back: template (best soft template) or fill (bounding-box fill)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
@@ -52,6 +53,7 @@ def main():
     steps = args.steps or defaults["num_inference_steps"]
     rows = make_prompts(args.seed, args.per_category)
     result = {"model": args.model, "per_category": args.per_category, "steps": steps, "device": args.device,
+              "shape_rule": args.shape_rule,
               "solver": args.solver or type(pipe.scheduler).__name__}
     scheduler = pipe.scheduler
     for shift, guidance in [(s, g) for s in args.shift for g in args.guidance]:
@@ -59,17 +61,10 @@ def main():
         set_sampler(pipe, shift, args.solver)
         guidance = defaults["guidance_scale"] if guidance is None else guidance
         key = f"guidance_{guidance:g}" if shift is None else f"shift_{shift:g}_guidance_{guidance:g}"
-        start, videos = time.perf_counter(), []
-        for b in range(0, len(rows), args.batch_size):
-            batch = rows[b : b + args.batch_size]
-            generators = [torch.Generator("cpu").manual_seed(args.seed + b + i) for i in range(len(batch))]
-            frames = pipe(prompt=[row["prompt"] for row in batch], num_inference_steps=steps, guidance_scale=guidance,
-                          generator=generators, output_type="np").frames  # (B, F, H, W, 3) in [0, 1]
-            videos.extend((np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8))
-        scores = {}
-        for category in dict.fromkeys(row["category"] for row in rows):
-            picked = [i for i, row in enumerate(rows) if row["category"] == category]
-            scores[category] = attribute_accuracy([videos[i] for i in picked], [rows[i]["record"] for i in picked])
+        start = time.perf_counter()
+        videos = generate_frames(pipe, [row["prompt"] for row in rows], [args.seed + i for i in range(len(rows))],
+                                 args.batch_size, num_inference_steps=steps, guidance_scale=guidance)
+        scores = readback_by_category(videos, rows, args.shape_rule)
         result[key] = {"seconds": time.perf_counter() - start, **scores}
         print(json.dumps({key: {c: round(s["all"], 3) for c, s in scores.items()}}), flush=True)
     if args.json:

@@ -145,6 +145,9 @@ class TrainConfig:
     # Video-text scorer for the validation videos ("retriever:PATH", "clip:PATH", "xclip:PATH"; "" = none):
     # logs text-to-video / video-to-text retrieval metrics of the validation prompts.
     validation_scorer: str = ""
+    # Shapes World read-back at each validation: this many prompts per category of the evaluation set
+    # (`make_prompts(0, n)`, seeds 0, 1, ...), generated in memory; logs val/shapes/{category}/{attribute}.
+    validation_shapes: int = 0
     max_nonfinite_steps: int = 10
 
     def __post_init__(self):
@@ -160,7 +163,7 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
         if self.max_minutes < 0:
             raise ValueError(f"train.max_minutes={self.max_minutes} must be >= 0 (0 = no time limit)")
-        for name in ("warmup_steps", "ckpt_every", "validate_every"):
+        for name in ("warmup_steps", "ckpt_every", "validate_every", "validation_shapes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
 

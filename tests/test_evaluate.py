@@ -142,7 +142,7 @@ def test_score_set_encodes_prompts_once_and_each_video_once(clip_dir, shapes_fol
 
     monkeypatch.setattr(scorer, "encode_texts", count_texts)
     monkeypatch.setattr(scorer, "encode_videos", count_videos)
-    result = evaluate.score_set(scorer, rows, argparse.Namespace(dynamic_threshold=10.0), chunk=2)
+    result = evaluate.score_set(scorer, rows, argparse.Namespace(dynamic_threshold=10.0, shape_rule="template"), chunk=2)
     assert calls == {"texts": 4, "videos": 4}
     np.testing.assert_allclose(result["sim"], expected, atol=1e-5)
     np.testing.assert_allclose(result["features"], encode_videos(videos).numpy(), atol=1e-5)

@@ -223,16 +223,50 @@ def test_read_back_is_exact_on_rendered_videos():
     ]
 
 
-def test_template_shapes_tolerate_blur_and_off_sizes():
-    records = _records(12, 40)
+def _soften(video, rng, sigma=1.0, noise=4.0):
+    """A 1-pixel Gaussian blur over space plus colour noise of a few levels, back to uint8."""
+    soft = ndimage.gaussian_filter(video.astype(float), (0, sigma, sigma, 0)) + rng.normal(0, noise, video.shape)
+    return np.clip(np.round(soft), 0, 255).astype(np.uint8)
+
+
+def test_read_back_calibration():
+    """The contract's calibration of the default (template) read-back."""
     rng = np.random.default_rng(0)
-    blurred = [
-        np.clip(ndimage.gaussian_filter(render(r).astype(float), (0, 0.7, 0.7, 0)) + rng.normal(0, 8, (17, 64, 64, 3)),
-                0, 255).astype(np.uint8)
-        for r in records
-    ]
-    assert attribute_accuracy(blurred, records, shape_method="template")["all"] == 1.0
-    assert attribute_accuracy(blurred, records, shape_method="fill")["shape"] < 1.0  # blur trims circle tips
+    # 100% on clean renders, one and two objects, every shape and size.
+    mixed = _records(13, 60)
+    assert attribute_accuracy(render_batch(mixed), mixed)["all"] == 1.0
+    # At least 95% all-correct on one-object renders with a 1-pixel blur and colour noise (measured: 100% of
+    # 300); the fill rule, which turns on single pixels, loses most small circles to the blur.
+    one = _records(14, 120, num_objects=1)
+    assert Counter((r["objects"][0]["shape"], r["objects"][0]["size"]) for r in one).keys() == {
+        (shape, size) for shape in shapes.SHAPES for size in shapes.SIZES}
+    soft = [_soften(render(r), rng) for r in one]
+    assert attribute_accuracy(soft, one)["all"] >= 0.95
+    assert attribute_accuracy(soft, one, shape_method="fill")["shape"] < 0.8
+    # Shuffled records: each attribute is right about as often as two independent records agree on it.
+    perm = rng.permutation(len(mixed))
+    shuffled = [mixed[i] for i in perm]
+    rates = attribute_accuracy(render_batch(mixed), shuffled)
+    agree = [score(truth, other) for truth, other in zip(mixed, shuffled)]  # the records themselves as the read-back
+    for attribute in ("background", "colour", "shape", "size", "motion", "all"):
+        assert rates[attribute] == pytest.approx(np.mean([a[attribute] for a in agree]), abs=1e-9)
+    assert rates["all"] <= 0.05 and rates["colour"] <= 0.25
+
+
+def test_readback_by_category_scores_each_category_on_its_own():
+    from t2v.eval.shapes_eval import readback_by_category
+
+    rows = shapes.make_prompts(3, 2)
+    videos = [render(row["record"]) for row in rows]
+    videos[0] = videos[1]  # one wrong video in the first category
+    scores = readback_by_category(videos, rows)
+    assert list(scores) == ["seen", "heldout", "paraphrase", "two_object"]
+    assert scores["seen"]["all"] <= 0.5 and all(scores[c]["all"] == 1.0 for c in list(scores)[1:])
+    with pytest.raises(ValueError, match="3 videos and 8 rows"):
+        readback_by_category(videos[:3], rows)
+
+
+def test_template_shapes_tolerate_off_sizes_and_reject_blobs():
     # A disc of radius 7 (neither size) is still a circle by both rules.
     yy, xx = np.mgrid[0:64, 0:64]
     disc = np.zeros((17, 64, 64, 3), dtype=np.uint8)
@@ -240,6 +274,12 @@ def test_template_shapes_tolerate_blur_and_off_sizes():
     for method in ("fill", "template"):
         (obj,) = read_back(disc, shape_method=method)["objects"]
         assert (obj["colour"], obj["shape"], obj["motion"]) == ("green", "circle", "staying still")
+    # A thin bar or a ring is no shape of the world.
+    for mask in ((np.abs(xx - 30) <= 12) & (np.abs(yy - 30) <= 1), np.abs(np.hypot(xx - 30, yy - 30) - 9) <= 1):
+        blob = np.zeros((17, 64, 64, 3), dtype=np.uint8)
+        blob[:, mask] = CONTRACT_COLOURS["red"]
+        (obj,) = read_back(blob)["objects"]
+        assert obj["shape"] == "unknown"
     with pytest.raises(ValueError, match="shape_method 'moments'"):
         read_back(disc, shape_method="moments")
 

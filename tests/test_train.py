@@ -619,6 +619,24 @@ def test_validation_logs_retrieval_metrics_with_a_scorer(tmp_path, manifest):
     assert validation[0]["val/t2v/R1"] in (0.0, 50.0, 100.0) and 1 <= validation[0]["val/t2v/MedR"] <= 2
 
 
+def test_validation_logs_shapes_readback(tmp_path, manifest):
+    from t2v.train.dit import train_dit
+
+    cfg = debug_config(DEBUG, tmp_path / "run", manifest, "train.max_steps=2", "train.validate_every=2",
+                       "train.validation_shapes=1")
+    train_dit(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validation = [row for row in rows if "val/shapes/seen/all" in row]
+    assert validation and validation[0]["step"] == 2
+    keys = {k for k in validation[0] if k.startswith("val/shapes/")}
+    assert keys == {f"val/shapes/{c}/{a}" for c in ("seen", "heldout", "paraphrase", "two_object")
+                    for a in ("background", "colour", "shape", "size", "motion", "all")}
+    assert all(validation[0][k] in (0.0, 1.0) for k in keys)  # one prompt per category
+    assert not (tmp_path / "run" / "samples").exists()  # read back in memory, no video files
+    with pytest.raises(ValueError, match="train.validation_shapes=-1"):
+        debug_config(DEBUG, tmp_path / "bad", manifest, "train.validation_shapes=-1")
+
+
 def test_vae_decoder_fine_tune_keeps_encoder_and_latent_scale(tmp_path, manifest):
     from t2v.models.vae import CausalVideoVAE
     from t2v.train.vae import train_vae

@@ -70,7 +70,7 @@ def start_range(size: str, motion: str) -> tuple[int, int, int, int]:
     return x_lo, x_hi, y_lo, y_hi
 
 
-def _shape_mask(shape_id: int, r: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+def shape_mask(shape_id: int, r: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """Inside test for pixels at integer offset (dx, dy) from the centre (arrays broadcast together).
 
     shape_id: 0 circle (dx^2 + dy^2 <= r^2), 1 square (half-side r), 2 triangle with vertices
@@ -91,7 +91,7 @@ def _object_masks(obj: dict) -> np.ndarray:
     grid = np.arange(SIZE)
     dx = grid[None, None, :] - (x0 + frames * vx)  # (T, 1, W)
     dy = grid[None, :, None] - (y0 + frames * vy)  # (T, H, 1)
-    return _shape_mask(SHAPES.index(obj["shape"]), SIZES[obj["size"]], dx, dy)
+    return shape_mask(SHAPES.index(obj["shape"]), SIZES[obj["size"]], dx, dy)
 
 
 def _overlap(first: dict, second: dict) -> bool:
@@ -213,7 +213,7 @@ def _record_tensors(records: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def _half_widths() -> np.ndarray:
-    """Row half-widths (num_shapes * num_sizes, 2 R + 1), R = largest radius, of the `_shape_mask` shapes.
+    """Row half-widths (num_shapes * num_sizes, 2 R + 1), R = largest radius, of the `shape_mask` shapes.
 
     Every shape is symmetric and convex, so row dy covers exactly |dx| <= half_width[dy]; -1 marks an
     empty row. Rendering by rows makes `render_batch` one comparison per pixel.
@@ -223,7 +223,7 @@ def _half_widths() -> np.ndarray:
     table = np.full((len(SHAPES) * len(SIZES), 2 * big + 1), -1, dtype=np.int32)
     for shape_id in range(len(SHAPES)):
         for size_id, r in enumerate(SIZES.values()):
-            inside = _shape_mask(shape_id, r, offsets[None, :], offsets[:, None])  # (dy, dx)
+            inside = shape_mask(shape_id, r, offsets[None, :], offsets[:, None])  # (dy, dx)
             for row, cols in enumerate(inside):
                 if cols.any():
                     table[shape_id * len(SIZES) + size_id, row] = np.abs(offsets[cols]).max()
@@ -611,5 +611,5 @@ def make_prompts(seed: int, per_category: int = 64) -> list[dict]:
 __all__ = [
     "BACKGROUNDS", "COLOURS", "FPS", "HELD_OUT", "MOTIONS", "NUM_FRAMES", "SHAPES", "SIZE", "SIZES",
     "ShapesStream", "canonical_caption", "eval_paraphrase", "make_prompts", "paraphrase", "render",
-    "render_batch", "sample_batch", "sample_record", "validate_record", "write_dataset",
+    "render_batch", "sample_batch", "sample_record", "shape_mask", "validate_record", "write_dataset",
 ]

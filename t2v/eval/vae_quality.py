@@ -27,7 +27,7 @@ def reconstruct(vae, videos: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def vae_readback(vae, num: int, seed: int, split: str = "train", batch_size: int = 16,
-                 progress: bool = True) -> dict[str, float]:
+                 progress: bool = True, shape_method: str = "template") -> dict[str, float]:
     """Read-back accuracy per attribute and `all`, plus `psnr` (dB, over all pixels of all clips), of the
     reconstructions of `num` clips drawn from Shapes World `split` with `seed` (one or two objects)."""
     if num < 1 or batch_size < 1:
@@ -41,7 +41,7 @@ def vae_readback(vae, num: int, seed: int, split: str = "train", batch_size: int
         squared_error += ((recon.double() - real.double()) / 255).pow(2).sum().item()
         count += real.numel()
         recons.append(recon.numpy())
-    result = attribute_accuracy(np.concatenate(recons), records)
+    result = attribute_accuracy(np.concatenate(recons), records, shape_method)
     mse = squared_error / count
     result["psnr"] = float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
     return result

@@ -171,21 +171,35 @@ class DiTTask:
         self.stream.load_state_dict(state)
 
     def validate(self, model: nn.Module, step: int) -> dict[str, float]:
-        """Sample the validation prompts (fixed seeds) into {output_dir}/samples/step-N/."""
+        """Sample the validation prompts (fixed seeds) into {output_dir}/samples/step-N/; Shapes World read-back."""
         from t2v.generation import GenerationSettings, generate_to_folder
 
         prompts = list(self.cfg.train.validation_prompts)
-        if not prompts:
+        if not prompts and not self.cfg.train.validation_shapes:
             return {}
         pipe = build_pipeline(self.cfg, model, self.vae, self.text)
         pipe.set_progress_bar_config(disable=True)
+        metrics = self._shapes_readback(pipe) if self.cfg.train.validation_shapes else {}
+        if not prompts:
+            return metrics
         out_dir = os.path.join(self.cfg.output_dir, "samples", f"step-{step}")
         rows = generate_to_folder(pipe, prompts, out_dir, seeds=list(range(len(prompts))),
                                   settings=GenerationSettings(format="mp4"), progress=False)
-        metrics = {"validation_videos": len(prompts)}
+        metrics["validation_videos"] = len(prompts)
         if self.cfg.train.validation_scorer:
             metrics.update(self._retrieval_metrics(prompts, [os.path.join(out_dir, r["path"]) for r in rows]))
         return metrics
+
+    def _shapes_readback(self, pipe) -> dict[str, float]:
+        """Template read-back rates per category of the Shapes World evaluation prompts, generated in memory."""
+        from t2v.data.shapes import make_prompts
+        from t2v.eval.shapes_eval import generate_frames, readback_by_category
+
+        rows = make_prompts(0, self.cfg.train.validation_shapes)
+        videos = generate_frames(pipe, [row["prompt"] for row in rows], list(range(len(rows))))
+        scores = readback_by_category(videos, rows)
+        return {f"val/shapes/{category}/{attribute}": rate
+                for category, rates in scores.items() for attribute, rate in rates.items()}
 
     def _retrieval_metrics(self, prompts: list[str], paths: list[str]) -> dict[str, float]:
         """Score the written validation videos against their prompts (R@K, MedR, MnR both ways)."""

@@ -1,0 +1,42 @@
+"""Shapes World read-back of a pipeline's generations, in memory: no video files, no codec, no scorer.
+
+Used by `scripts/quick_eval_shapes.py` and by DiT training validation (`train.validation_shapes`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from t2v.eval.shapes_readback import attribute_accuracy
+
+
+@torch.no_grad()
+def generate_frames(pipe, prompts: list[str], seeds: list[int], batch_size: int = 32, **call) -> list[np.ndarray]:
+    """uint8 (F, H, W, 3) clips of `prompts`, prompt i with a CPU generator seeded `seeds[i]`."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts and {len(seeds)} seeds must be the same number")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} must be at least 1")
+    videos = []
+    for b in range(0, len(prompts), batch_size):
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[b : b + batch_size]]
+        frames = pipe(prompt=prompts[b : b + batch_size], generator=generators, output_type="np",
+                      **call).frames  # (B, F, H, W, 3) in [0, 1]
+        videos.extend((np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8))
+    return videos
+
+
+def readback_by_category(videos: list[np.ndarray], rows: list[dict], shape_method: str = "template") -> dict:
+    """{category: {attribute: rate}} over `rows` ({"category", "record"}, as `make_prompts` gives) and their videos."""
+    if len(videos) != len(rows):
+        raise ValueError(f"{len(videos)} videos and {len(rows)} rows must be the same number")
+    scores = {}
+    for category in dict.fromkeys(row["category"] for row in rows):
+        picked = [i for i, row in enumerate(rows) if row["category"] == category]
+        scores[category] = attribute_accuracy([videos[i] for i in picked], [rows[i]["record"] for i in picked],
+                                              shape_method)
+    return scores
+
+
+__all__ = ["generate_frames", "readback_by_category"]
