@@ -441,3 +441,37 @@ def test_prompt_script_renders_the_real_videos(tmp_path):
     assert len(rows) == 8 and [row["path"] for row in rows] == [f"{i:05d}.mp4" for i in range(8)]
     video = iio.imread(tmp_path / "real" / rows[5]["path"], plugin="pyav")
     assert attribute_accuracy(video[None], [rows[5]["record"]])["all"] == 1.0
+
+
+def test_diagnose_finds_binding_swaps_and_unstable_colours():
+    diagnose = runpy.run_path("scripts/diagnose_shapes.py")["diagnose"]
+    record = {"background": "black", "objects": [
+        {"colour": "red", "shape": "circle", "size": "large", "motion": "moving right", "start": [12, 14]},
+        {"colour": "blue", "shape": "square", "size": "large", "motion": "moving down", "start": [45, 12]}]}
+    right = diagnose(render(record), record)
+    assert right["found"] == 2 and right["colours_exact"] and right["unstable_frames"] == 0
+    assert right["swapped"] == {"shape": False, "size": False, "motion": False}
+    swapped = {**record, "objects": [{**record["objects"][0], "shape": "square"},
+                                     {**record["objects"][1], "shape": "circle"}]}
+    video = render(swapped)
+    row = diagnose(video, record)
+    assert row["swapped"] == {"shape": True, "size": False, "motion": False}
+    assert [o["shape"] for o in row["objects"]] == [False, False] and all(o["motion"] for o in row["objects"])
+    video[12:] = render({**record, "objects": [{**record["objects"][0], "colour": "green"}, record["objects"][1]]})[12:]
+    assert diagnose(video, record)["unstable_frames"] == 5  # the red object turns green for the last 5 frames
+
+
+def test_binding_probe_pairs_share_words_and_swap_colours():
+    probe = runpy.run_path("scripts/probe_text_binding.py")
+    pairs = probe["caption_pairs"](20, 0)
+    assert len(pairs) == 10
+    for caption, swapped, shape in pairs:
+        assert sorted(caption.split()) == sorted(swapped.split()) and caption != swapped
+        assert probe["colour_of"](caption, shape) != probe["colour_of"](swapped, shape)
+    # The probe learns a linearly separable labelling and cannot beat chance on labels unrelated to the features.
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400).astype(str)
+    x = np.eye(3)[y.astype(int)] + rng.normal(0, 0.1, (400, 3))
+    train = np.arange(400) < 300
+    assert probe["probe_accuracy"](x, y, train) == 1.0
+    assert probe["probe_accuracy"](rng.normal(size=(400, 3)), y, train) < 0.55

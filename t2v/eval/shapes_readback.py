@@ -180,6 +180,12 @@ def _read_object(masks: list[np.ndarray | None], softs: list[np.ndarray | None],
     return {"shape": shape, "size": size, "motion": motion, "start": list(centres[present[0]])}
 
 
+def colour_fit(video: np.ndarray) -> np.ndarray:
+    """Palette index per pixel (T, H, W) of a uint8 (T, H, W, 3) clip, -1 for background or unexplained pixels."""
+    best, alpha = _colour_fit(video, _background(video[0])[1])
+    return np.where(alpha >= MIN_ALPHA, best, -1)
+
+
 def read_back(video: np.ndarray, shape_method: str = "template") -> dict:
     """Read a record from a uint8 (T, H, W, 3) clip: background and objects (with an estimated start).
 
@@ -261,4 +267,4 @@ def attribute_accuracy(videos, records: list[dict], shape_method: str = "templat
     return {attribute: total / len(records) for attribute, total in totals.items()}
 
 
-__all__ = ["attribute_accuracy", "read_back", "score"]
+__all__ = ["attribute_accuracy", "colour_fit", "read_back", "score"]
