@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `t2v`, `pipelines`
-from t2v.data.shapes import make_prompts  # noqa: E402
+from t2v.data.shapes import PROMPT_CATEGORIES, make_prompts  # noqa: E402
 from t2v.eval.report import write_json  # noqa: E402
 from t2v.eval.shapes_eval import generate_frames, readback_by_category  # noqa: E402
 
@@ -33,6 +33,10 @@ def main():
                         help="fixed flow shifts to try (default: the model's scheduler)")
     parser.add_argument("--solver", choices=["euler", "unipc"], default=None, help="default: the model's")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--categories", nargs="+", choices=list(PROMPT_CATEGORIES), default=None,
+                        help="only these prompt categories (default: all)")
+    parser.add_argument("--pooled", choices=["prompt", "empty"], default="prompt",
+                        help="diagnostic: 'empty' gives the DiT the empty prompt's pooled vector (text only by tokens)")
     parser.add_argument("--shape-rule", choices=["template", "fill"], default="template",
                         help="shape read-back: template (best soft template) or fill (bounding-box fill)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -52,8 +56,10 @@ def main():
     defaults = pipe.config.generation_defaults
     steps = args.steps or defaults["num_inference_steps"]
     rows = make_prompts(args.seed, args.per_category)
+    if args.categories:
+        rows = [row for row in rows if row["category"] in args.categories]
     result = {"model": args.model, "per_category": args.per_category, "steps": steps, "device": args.device,
-              "shape_rule": args.shape_rule,
+              "shape_rule": args.shape_rule, "pooled": args.pooled,
               "solver": args.solver or type(pipe.scheduler).__name__}
     scheduler = pipe.scheduler
     for shift, guidance in [(s, g) for s in args.shift for g in args.guidance]:
@@ -63,7 +69,7 @@ def main():
         key = f"guidance_{guidance:g}" if shift is None else f"shift_{shift:g}_guidance_{guidance:g}"
         start = time.perf_counter()
         videos = generate_frames(pipe, [row["prompt"] for row in rows], [args.seed + i for i in range(len(rows))],
-                                 args.batch_size, num_inference_steps=steps, guidance_scale=guidance)
+                                 args.batch_size, args.pooled, num_inference_steps=steps, guidance_scale=guidance)
         scores = readback_by_category(videos, rows, args.shape_rule)
         result[key] = {"seconds": time.perf_counter() - start, **scores}
         print(json.dumps({key: {c: round(s["all"], 3) for c, s in scores.items()}}), flush=True)

@@ -237,3 +237,18 @@ def test_prompt_embeds_without_a_mask_mean_all_tokens_real(pipe):
     a = pipe(prompt_embeds=real, generator=torch.Generator().manual_seed(0), **run)
     b = pipe(prompt_embeds=unmasked, generator=torch.Generator().manual_seed(0), **run)
     torch.testing.assert_close(b.frames, a.frames)
+
+
+def test_shapes_eval_frames_match_the_pipeline_and_the_pooled_diagnostic(pipe):
+    from t2v.eval.shapes_eval import generate_frames
+
+    prompts = ["a red circle", "a blue square"]
+    frames = generate_frames(pipe, prompts, [3, 4], batch_size=1, num_inference_steps=2)
+    direct = pipe(prompts, generator=[torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)],
+                  num_inference_steps=2).frames
+    np.testing.assert_array_equal(np.stack(frames), (direct * 255).round().clip(0, 255).astype(np.uint8))
+    assert pipe.transformer.config.pooled_dim > 0
+    empty = generate_frames(pipe, prompts, [3, 4], pooled="empty", num_inference_steps=2)
+    assert any(np.abs(a.astype(int) - b).max() > 0 for a, b in zip(frames, empty))
+    with pytest.raises(ValueError, match="pooled 'none'"):
+        generate_frames(pipe, prompts, [3, 4], pooled="none")

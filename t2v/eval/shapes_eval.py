@@ -12,8 +12,15 @@ from t2v.eval.shapes_readback import attribute_accuracy
 
 
 @torch.no_grad()
-def generate_frames(pipe, prompts: list[str], seeds: list[int], batch_size: int = 32, **call) -> list[np.ndarray]:
-    """uint8 (F, H, W, 3) clips of `prompts`, prompt i with a CPU generator seeded `seeds[i]`."""
+def generate_frames(pipe, prompts: list[str], seeds: list[int], batch_size: int = 32, pooled: str = "prompt",
+                    **call) -> list[np.ndarray]:
+    """uint8 (F, H, W, 3) clips of `prompts`, prompt i with a CPU generator seeded `seeds[i]`.
+
+    pooled="empty" is a diagnostic: the prompt's pooled vector (adaLN) is replaced by the empty prompt's, so
+    the prompt reaches the DiT only through the per-token states (cross-attention).
+    """
+    if pooled not in ("prompt", "empty"):
+        raise ValueError(f"pooled {pooled!r} must be 'prompt' or 'empty'")
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts and {len(seeds)} seeds must be the same number")
     if batch_size < 1:
@@ -21,8 +28,13 @@ def generate_frames(pipe, prompts: list[str], seeds: list[int], batch_size: int 
     videos = []
     for b in range(0, len(prompts), batch_size):
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[b : b + batch_size]]
-        frames = pipe(prompt=prompts[b : b + batch_size], generator=generators, output_type="np",
-                      **call).frames  # (B, F, H, W, 3) in [0, 1]
+        text = {"prompt": prompts[b : b + batch_size]}
+        if pooled == "empty":
+            embeds = pipe.encode_prompt(text["prompt"], pipe.device)
+            empty = pipe.encode_prompt([""] * len(text["prompt"]), pipe.device)
+            embeds.pooled = empty.pooled
+            text = {"prompt_embeds": embeds, "negative_prompt_embeds": empty}
+        frames = pipe(**text, generator=generators, output_type="np", **call).frames  # (B, F, H, W, 3) in [0, 1]
         videos.extend((np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8))
     return videos
 
