@@ -86,6 +86,8 @@ class DataConfig:
     canonical_prob: float = 0.5
     # Shapes World paraphrase tables: "base", or "wide" (more synonyms and sentence frames; t2v.data.shapes).
     wordings: str = "base"
+    # Shapes World stream (source=shapes, DiT training): share of two-object clips.
+    two_object_prob: float = 0.5
     # Share of 1-frame (image) batches in VAE training with source=shapes.
     image_batch_prob: float = 0.0
     # VAE training: random windows of this many frames (1 + k * temporal ratio; 0 = whole clips), far cheaper
@@ -100,6 +102,10 @@ class DataConfig:
         if self.wordings != "base" and self.source != "shapes":
             raise ValueError(f"data.wordings={self.wordings!r} words the Shapes World stream; it needs "
                              f"data.source=shapes, got {self.source!r}")
+        _check_range("data.two_object_prob", self.two_object_prob, 0.0, 1.0)
+        if self.two_object_prob != 0.5 and self.source != "shapes":
+            raise ValueError(f"data.two_object_prob={self.two_object_prob} sets the Shapes World stream's mix; it "
+                             f"needs data.source=shapes, got {self.source!r}")
         _check_range("data.image_batch_prob", self.image_batch_prob, 0.0, 1.0)
         for name in ("frames", "height", "width", "batch_size"):
             if getattr(self, name) < 1:

@@ -475,3 +475,19 @@ def test_binding_probe_pairs_share_words_and_swap_colours():
     train = np.arange(400) < 300
     assert probe["probe_accuracy"](x, y, train) == 1.0
     assert probe["probe_accuracy"](rng.normal(size=(400, 3)), y, train) < 0.55
+
+
+def test_two_object_prob_sets_the_mix_and_keeps_the_default_stream():
+    from t2v.train.trainer import ShapesBatches
+
+    default = [sample_record(np.random.default_rng([5, i])) for i in range(200)]
+    explicit = [sample_record(np.random.default_rng([5, i]), two_object_prob=0.5) for i in range(200)]
+    assert default == explicit  # the default draws exactly what it drew before the option existed
+    counts = {p: sum(len(sample_record(np.random.default_rng([6, i]), two_object_prob=p)["objects"]) == 2
+                     for i in range(400)) for p in (0.0, 0.8, 1.0)}
+    assert counts[0.0] == 0 and counts[1.0] == 400 and 290 <= counts[0.8] <= 350
+    with pytest.raises(ValueError, match="two_object_prob 1.2"):
+        sample_record(np.random.default_rng(0), two_object_prob=1.2)
+    batches = ShapesBatches(4, seed=0, stream=0, canonical_prob=1.0, caption_dropout=0.0, device="cpu",
+                            two_object_prob=1.0)
+    assert all(" and a " in caption for caption in next(batches)["caption"])  # canonical two-object captions

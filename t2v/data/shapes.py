@@ -142,16 +142,19 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
 
 
-def sample_record(rng: np.random.Generator, num_objects: int | None = None, split: str = "train") -> dict:
+def sample_record(rng: np.random.Generator, num_objects: int | None = None, split: str = "train",
+                  two_object_prob: float = TWO_OBJECT_PROB) -> dict:
     """Draw one record. Deterministic given `rng`.
 
     split: "train" never uses a held-out (colour, shape) pair, "heldout" makes one object a held-out pair,
-    "any" allows every pair. num_objects: 1, 2, or None (two with probability TWO_OBJECT_PROB).
+    "any" allows every pair. num_objects: 1, 2, or None (two with probability `two_object_prob`).
     Two objects get different colours and are re-drawn until they overlap in no frame.
     """
     _check_split(split)
     if num_objects is None:
-        num_objects = 2 if rng.random() < TWO_OBJECT_PROB else 1
+        if not 0.0 <= two_object_prob <= 1.0:
+            raise ValueError(f"two_object_prob {two_object_prob} must be in [0, 1]")
+        num_objects = 2 if rng.random() < two_object_prob else 1
     if num_objects not in (1, 2):
         raise ValueError(f"num_objects {num_objects!r} must be 1, 2 or None")
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
@@ -460,12 +463,13 @@ def caption_for(record: dict, rng: np.random.Generator, canonical_prob: float, w
 
 
 def sample_batch(rng: np.random.Generator, batch_size: int, split: str = "train", canonical_prob: float = 0.5,
-                 device="cpu", wordings: str = "base") -> tuple[torch.Tensor, list[str], list[dict]]:
+                 device="cpu", wordings: str = "base", two_object_prob: float = TWO_OBJECT_PROB,
+                 ) -> tuple[torch.Tensor, list[str], list[dict]]:
     """Draw and render a batch: videos uint8 (B, T, H, W, 3) on `device`, captions, records."""
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size} must be >= 1")
     _check_wordings(wordings)
-    records = [sample_record(rng, split=split) for _ in range(batch_size)]
+    records = [sample_record(rng, split=split, two_object_prob=two_object_prob) for _ in range(batch_size)]
     captions = [caption_for(record, rng, canonical_prob, wordings) for record in records]
     return render_batch(records, device=device), captions, records
 

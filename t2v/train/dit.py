@@ -87,7 +87,8 @@ class DiTTask:
         else:
             self.dataset = None
             self.stream = trainer.ShapesBatches(data.batch_size, seed, rank, data.canonical_prob,
-                                                data.caption_dropout, self.device, wordings=data.wordings)
+                                                data.caption_dropout, self.device, wordings=data.wordings,
+                                                two_object_prob=data.two_object_prob)
 
     def _cache_stream(self, rank: int, world_size: int):
         from t2v.data.buckets import Bucket, BucketBatchSampler

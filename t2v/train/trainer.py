@@ -357,9 +357,9 @@ class ShapesBatches:
     """
 
     def __init__(self, batch_size: int, seed: int, stream: int, canonical_prob: float, caption_dropout: float,
-                 device: torch.device, split: str = "train", wordings: str = "base"):
+                 device: torch.device, split: str = "train", wordings: str = "base", two_object_prob: float = 0.5):
         self.batch_size, self.canonical_prob, self.caption_dropout = batch_size, canonical_prob, caption_dropout
-        self.device, self.split, self.wordings = device, split, wordings
+        self.device, self.split, self.wordings, self.two_object_prob = device, split, wordings, two_object_prob
         self.rng = np.random.default_rng([seed, stream])
 
     def __next__(self) -> dict:
@@ -368,7 +368,7 @@ class ShapesBatches:
         from t2v.data.shapes import sample_batch
 
         videos, captions, _ = sample_batch(self.rng, self.batch_size, self.split, self.canonical_prob, self.device,
-                                          wordings=self.wordings)
+                                          wordings=self.wordings, two_object_prob=self.two_object_prob)
         dropped = self.rng.random(len(captions)) < self.caption_dropout
         captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
         video = rearrange(videos, "b t h w c -> b c t h w").float() / 127.5 - 1.0  # (B, 3, T, H, W)
