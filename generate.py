@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", nargs="*", help="one or more prompts")
     p.add_argument("--prompt-file", help="text file with one prompt per line")
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped default model)")
-    p.add_argument("--out-dir", default="outputs", help="output folder (default: outputs)")
+    p.add_argument("--out-dir", default="outputs", help="output folder, new or empty (default: outputs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that holds files: replace its videos and manifest.jsonl, remove nothing")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_and_check(argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    from t2v.generation import read_prompt_file, sampler_error
+    from t2v.generation import guidance_error, out_dir_error, read_prompt_file, sampler_error, seed_error
 
     prompts = list(args.prompts)
     if args.prompt_file:
@@ -63,8 +65,12 @@ def parse_and_check(argv: list[str] | None = None):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} {value} must be at least 1")
-    if args.guidance is not None and args.guidance < 0:
-        parser.error(f"--guidance {args.guidance} must be non-negative")
+    if (error := guidance_error(args.guidance)) is not None:
+        parser.error(f"--{error}")
+    if (error := seed_error(args.seed, len(prompts))) is not None:
+        parser.error(f"--{error}")
+    if (error := out_dir_error(args.out_dir, args.overwrite)) is not None:
+        parser.error(f"--out-dir: {error}")
     if (error := sampler_error(args.shift, args.solver)) is not None:
         parser.error(f"--shift {args.shift} --solver {args.solver}: {error}")
     if args.model is not None and not os.path.isdir(args.model):
@@ -81,6 +87,18 @@ def _quiet_loading() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def _warn_long_prompts(pipe, prompts: list[str]) -> None:
+    """One line on stderr for each prompt longer than the text encoder reads (it is cut, not refused)."""
+    if pipe.tokenizer is None:
+        return
+    limit = pipe.config.max_sequence_length
+    for i, prompt in enumerate(prompts):
+        tokens = len(pipe.tokenizer(prompt, truncation=False)["input_ids"])
+        if tokens > limit:
+            print(f"generate.py: warning: prompt {i} has {tokens} tokens; the model reads the first {limit}",
+                  file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
     )
     seeds = [args.seed + i for i in range(len(prompts))]
+    _warn_long_prompts(pipe, prompts)
     try:
         # Checks every setting against the model before anything is generated or written.
         resolved = settings.resolved(pipe.config.generation_defaults)
         pipe.check_inputs(prompts, args.negative_prompt, resolved.num_frames, resolved.height, resolved.width,
                           None, None)
-        rows = generate_to_folder(pipe, prompts, args.out_dir, seeds, settings)
+        rows = generate_to_folder(pipe, prompts, args.out_dir, seeds, settings, overwrite=args.overwrite)
     except ValueError as e:
         parser.error(str(e))
     for row in rows:

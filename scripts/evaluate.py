@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     p.add_argument("--format", choices=["mp4", "gif"], default="mp4")
+    p.add_argument("--overwrite", action="store_true",
+                   help="generate: write into an OUT/videos that holds files (replaces videos and manifest only)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="generator dtype (default: float32 on CPU, bfloat16 on CUDA); scorers run in float32")
@@ -168,7 +170,8 @@ def generate(args, parser) -> str:
             extra = [{**row, key: value} for row in extra]
     out = os.path.join(args.out, "videos")
     seeds = [args.seed + i for i in range(len(rows))]
-    generate_to_folder(pipe, [row["prompt"] for row in rows], out, seeds, settings, extra=extra)
+    generate_to_folder(pipe, [row["prompt"] for row in rows], out, seeds, settings, extra=extra,
+                       overwrite=args.overwrite)
     return out
 
 
@@ -319,15 +322,31 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--stage {args.stage} needs --{name}")
         if not os.path.isfile(os.path.join(args.model, "model_index.json")):
             parser.error(f"--model {args.model!r} has no model_index.json (not a pipeline folder)")
+        from t2v.generation import guidance_error, out_dir_error, seed_error
+
+        try:
+            count = len(read_prompts(args.prompts))
+        except ValueError as e:
+            parser.error(str(e))
+        for error in (guidance_error(args.guidance), seed_error(args.seed, count)):
+            if error is not None:
+                parser.error(f"--{error}")
+        if (error := out_dir_error(os.path.join(args.out, "videos"), args.overwrite)) is not None:
+            parser.error(f"--out: {error}")
     if args.stage in ("score", "all"):
         if args.scorer is None:
             parser.error(f"--stage {args.stage} needs --scorer clip:PATH | xclip:PATH | retriever:PATH")
         from t2v.eval.scorers import parse_scorer_spec
 
         try:
-            parse_scorer_spec(args.scorer)
+            kind, path = parse_scorer_spec(args.scorer)
         except ValueError as e:
             parser.error(str(e))
+        # Checked before any generation: a local path must exist (a hub id is left to the loader).
+        if (kind == "retriever" or path.startswith(("/", ".", "~"))) and not os.path.isdir(os.path.expanduser(path)):
+            parser.error(f"--scorer {args.scorer!r}: {path!r} is not a folder")
+        if args.reference is not None and not os.path.isdir(args.reference):
+            parser.error(f"--reference {args.reference!r} is not a folder")
     for name in ("steps", "num_frames", "height", "width", "batch_size", "r_precision_distractors"):
         value = getattr(args, name)
         if value is not None and value < 1:

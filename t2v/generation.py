@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -13,6 +14,9 @@ import numpy as np
 import torch
 
 FORMATS = ("mp4", "gif")
+LOCK_NAME = ".generate.lock"  # held in the output folder while a generation writes into it
+TEMP_PREFIX = ".generate.tmp-"  # temporary folders inside the output folder (same filesystem)
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -41,8 +45,8 @@ SOLVERS = ("euler", "unipc")
 
 def sampler_error(shift: float | None, solver: str | None) -> str | None:
     """Why `set_sampler(pipe, shift, solver)` would refuse these values, or None when they are valid."""
-    if shift is not None and not shift > 0:
-        return f"flow shift {shift} must be positive"
+    if shift is not None and not (shift > 0 and math.isfinite(shift)):
+        return f"flow shift {shift} must be positive and finite"
     if solver is not None and solver not in SOLVERS:
         return f"solver {solver!r} must be one of {SOLVERS}"
     if solver == "unipc" and shift is None:
@@ -70,6 +74,42 @@ def set_sampler(pipe, shift: float | None = None, solver: str | None = None) -> 
     elif shift is not None:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=shift,
                                                           use_dynamic_shifting=False)
+
+
+def seed_error(seed: int, count: int) -> str | None:
+    """Why seeds seed, seed + 1, ..., seed + count - 1 cannot all seed a torch generator, or None."""
+    if seed < 0 or seed + count - 1 > MAX_SEED:
+        return f"seed {seed} must be in [0, {MAX_SEED - count + 1}] so that all {count} prompts' seeds fit 63 bits"
+    return None
+
+
+def guidance_error(guidance: float | None) -> str | None:
+    """Why a guidance scale is refused (not finite, or negative), or None."""
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        return f"guidance {guidance} must be a finite number >= 0"
+    return None
+
+
+def out_dir_error(out_dir: str | os.PathLike, overwrite: bool = False) -> str | None:
+    """Why generation may not write into `out_dir`, or None: it is a file, it holds files and `overwrite` is
+    off, or no folder can be made there."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        return f"output folder {str(out_dir)!r} is an existing file"
+    if path.is_dir():
+        held = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME and not p.name.startswith(TEMP_PREFIX))
+        if held and not overwrite:
+            return (f"output folder {str(out_dir)!r} already holds {len(held)} entries (e.g. {held[0]!r}); choose a "
+                    f"new folder, or pass --overwrite to replace its videos and manifest.jsonl (nothing else is removed)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"output folder {str(out_dir)!r} is not writable"
+        return None
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"output folder {str(out_dir)!r} cannot be made: {str(parent)!r} is not a writable folder"
+    return None
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
@@ -115,11 +155,15 @@ def generate_to_folder(
     settings: GenerationSettings | None = None,
     extra: list[dict] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Generate one video per prompt (own seed each) into `out_dir` with `manifest.jsonl`.
 
-    Videos are named by prompt order (00000.mp4, ...). Everything is written in a temporary folder beside
-    `out_dir` and moved in only when all videos exist, so an interrupted run leaves nothing half-written.
+    Videos are named by prompt order (00000.mp4, ...). `out_dir` must be new or empty unless `overwrite`, which
+    replaces files of the same names and removes nothing. One generation at a time writes into a folder (a
+    lock file names its process; a dead process's lock is taken over). Everything is written in a temporary
+    folder inside `out_dir` (the same filesystem, so the final moves are renames) and moved in only when all
+    videos exist, so an interrupted run leaves nothing half-written; its leftovers are removed by the next run.
     `extra` adds per-prompt fields to the manifest rows (e.g. a ground-truth record).
     """
     settings = (settings or GenerationSettings()).resolved(pipe.config.generation_defaults)
@@ -131,10 +175,62 @@ def generate_to_folder(
         raise ValueError(f"video format {settings.format!r} must be one of {FORMATS}")
     if extra is not None and len(extra) != len(prompts):
         raise ValueError(f"got {len(extra)} extra rows for {len(prompts)} prompts")
+    if (error := out_dir_error(out_dir, overwrite)) is not None:
+        raise ValueError(error)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = None
+    try:
+        lock = _lock(out_dir)
+        # Checked again under the lock: another run may have filled the folder since the first check.
+        if (error := out_dir_error(out_dir, overwrite)) is not None:
+            raise ValueError(error)
+        for leftover in out_dir.glob(f"{TEMP_PREFIX}*"):  # of an interrupted run; no other writer holds the lock
+            shutil.rmtree(leftover, ignore_errors=True)
+        return _generate_into(pipe, prompts, out_dir, seeds, settings, extra, progress)
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a failed run into a new folder leaves no folder
+
+
+def _lock(out_dir: Path) -> Path:
+    """Create `out_dir/LOCK_NAME` holding our pid; ValueError if a live process holds it."""
+    lock = out_dir / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and _alive(pid):
+                raise ValueError(f"output folder {str(out_dir)!r} is being written by another generation "
+                                 f"(process {pid}); wait for it or choose another folder") from None
+            lock.unlink(missing_ok=True)  # the process that held it is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    raise ValueError(f"output folder {str(out_dir)!r}: could not take its lock file {LOCK_NAME}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    return True
+
+
+def _generate_into(pipe, prompts, out_dir: Path, seeds, settings, extra, progress) -> list[dict]:
     rows = []
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out_dir))
     try:
         for start in range(0, len(prompts), settings.batch_size):
             batch = list(range(start, min(start + settings.batch_size, len(prompts))))
@@ -161,30 +257,12 @@ def generate_to_folder(
                 print(f"generated {len(rows)}/{len(prompts)} videos", flush=True)
         with open(tmp / "manifest.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps(row) + "\n")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stale = _manifest_paths(out_dir / "manifest.jsonl") - {row["path"] for row in rows}
+                f.write(json.dumps(row, allow_nan=False) + "\n")
         for item in sorted(tmp.iterdir(), key=lambda p: p.name == "manifest.jsonl"):  # manifest last
             os.replace(item, out_dir / item.name)
-        for name in stale:  # videos of an earlier, longer run into the same folder; nothing else is touched
-            (out_dir / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
-
-
-def _manifest_paths(manifest: Path) -> set[str]:
-    """The plain file names listed in an earlier run's manifest (none if it is missing or unreadable)."""
-    names = set()
-    try:
-        with open(manifest, encoding="utf-8") as f:
-            for line in f:
-                path = json.loads(line).get("path") if line.strip() else None
-                if isinstance(path, str) and path == os.path.basename(path):
-                    names.add(path)
-    except (OSError, ValueError, AttributeError):
-        return set()
-    return names
 
 
 def _settings_row(settings: GenerationSettings) -> dict:

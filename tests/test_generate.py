@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -64,30 +65,95 @@ def test_generate_gif(model_dir, tmp_path):
         ["a prompt", "--steps", "many"],
         ["a prompt", "--shift", "0"],
         ["a prompt", "--solver", "unipc"],
+        ["a prompt", "--guidance", "nan"],
+        ["a prompt", "--guidance", "inf"],
+        ["a prompt", "--guidance", "-1"],
+        ["a prompt", "--shift", "inf"],
+        ["a prompt", "--seed", "99999999999999999999999"],
+        ["a prompt", "--seed", "-1"],
+        ["a prompt", "--out-dir", "generate.py"],
     ],
 )
 def test_bad_arguments_exit_2(model_dir, tmp_path, args):
     out = tmp_path / "bad"
     if "--model" not in args:
         args = [*args, "--model", str(model_dir)]
-    r = _generate(*args, "--out-dir", out)
+    if "--out-dir" not in args:
+        args = [*args, "--out-dir", str(out)]
+    r = _generate(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
 
 
-def test_rerun_into_same_folder_removes_only_its_stale_videos(tmp_path):
-    from t2v.generation import GenerationSettings, generate_to_folder
+def test_an_existing_folder_is_refused_and_overwrite_removes_nothing(model_dir, tmp_path):
+    out = tmp_path / "clips"
+    out.mkdir()
+    for name in ("clip0.mp4", "clip1.mp4"):
+        (out / name).write_bytes(b"user video")
+    (out / "manifest.jsonl").write_text('{"path": "clip0.mp4", "caption": "mine"}\n')
+    r = _generate("a red circle", "--model", model_dir, "--out-dir", out, "--steps", 1)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--overwrite" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["clip0.mp4", "clip1.mp4", "manifest.jsonl"]
+    r = _generate("a red circle", "--model", model_dir, "--out-dir", out, "--steps", 1, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["00000.mp4", "clip0.mp4", "clip1.mp4", "manifest.jsonl"]
+    assert (out / "clip1.mp4").read_bytes() == b"user video"
+
+
+def test_generation_locks_its_folder_and_cleans_up_after_a_dead_run(tmp_path):
+    import os
+
+    from t2v.generation import LOCK_NAME, TEMP_PREFIX, GenerationSettings, generate_to_folder
 
     pipe = tiny_pipeline()
-    out = tmp_path / "out"
     settings = GenerationSettings(num_inference_steps=1, format="gif")
-    generate_to_folder(pipe, ["a", "b", "c"], out, [0, 1, 2], settings, progress=False)
-    (out / "notes.txt").write_text("mine")
-    generate_to_folder(pipe, ["d"], out, [0], settings, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["00000.gif", "manifest.jsonl", "notes.txt"]
-    assert [json.loads(line)["prompt"] for line in (out / "manifest.jsonl").read_text().splitlines()] == ["d"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(str(os.getpid()))  # a live process (this one) holds it
+    with pytest.raises(ValueError, match="being written by another generation"):
+        generate_to_folder(pipe, ["a"], out, [0], settings, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_NAME).write_text(dead.stdout.strip())  # a process that has exited, killed mid-run say
+    (out / f"{TEMP_PREFIX}x").mkdir()
+    (out / f"{TEMP_PREFIX}x" / "00000.gif").write_bytes(b"half")
+    generate_to_folder(pipe, ["a"], out, [0], settings, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["00000.gif", "manifest.jsonl"]
+    # A failed run into a new folder leaves no folder behind.
+    with pytest.raises(ValueError):
+        generate_to_folder(pipe, ["a"], tmp_path / "new", [0], GenerationSettings(num_frames=4), progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_concurrent_generations_into_one_folder(model_dir, tmp_path):
+    out = tmp_path / "shared"
+    runs = [subprocess.Popen([sys.executable, "generate.py", prompt, "--model", str(model_dir), "--out-dir", str(out),
+                              "--steps", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for prompt in ("a red circle", "a blue square")]
+    results = [(run.wait(timeout=300), run.stdout.read(), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _, _ in results) == [0, 2], results
+    (winner,) = [out for code, out, _ in results if code == 0]
+    (loser,) = [err for code, _, err in results if code == 2]
+    assert "Traceback" not in loser and len(loser.strip().splitlines()) == 1
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and winner.strip().endswith(rows[0]["prompt"])  # what was printed is what was written
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_out_dir_on_another_filesystem(model_dir, tmp_path):
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    try:
+        r = _generate("a red circle", "--model", model_dir, "--out-dir", mount, "--steps", 1)
+        assert r.returncode == 0, r.stderr
+        assert sorted(p.name for p in mount.iterdir()) == ["00000.mp4", "manifest.jsonl"]
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_set_sampler_replaces_the_schedule_and_changes_the_video():
@@ -145,3 +211,9 @@ def test_unipc_solver_samples_the_flow_and_nears_euler_with_many_steps():
         set_sampler(pipe, None, "unipc")
     with pytest.raises(ValueError, match="must be one of"):
         set_sampler(pipe, 1.0, "heun")
+
+
+def test_a_long_prompt_is_cut_with_a_warning(model_dir, tmp_path):
+    r = _generate("a red circle " * 200, "--model", model_dir, "--out-dir", tmp_path / "long", "--steps", 1)
+    assert r.returncode == 0, r.stderr
+    assert "prompt 0 has" in r.stderr and "reads the first" in r.stderr

@@ -185,7 +185,8 @@ class DiTTask:
             return metrics
         out_dir = os.path.join(self.cfg.output_dir, "samples", f"step-{step}")
         rows = generate_to_folder(pipe, prompts, out_dir, seeds=list(range(len(prompts))),
-                                  settings=GenerationSettings(format="mp4"), progress=False)
+                                  settings=GenerationSettings(format="mp4"), progress=False,
+                                  overwrite=True)  # the run's own folder: a resumed run validates the step again
         metrics["validation_videos"] = len(prompts)
         if self.cfg.train.validation_scorer:
             metrics.update(self._retrieval_metrics(prompts, [os.path.join(out_dir, r["path"]) for r in rows]))
