@@ -122,6 +122,50 @@ def test_latest_ignores_tmp_folders_and_keep_last(tmp_path):
         ckpt.resolve_resume(str(tmp_path / "nowhere"), str(tmp_path))
 
 
+@pytest.mark.parametrize("damage", ["truncate", "flip", "remove", "state"])
+def test_resume_latest_falls_back_past_a_damaged_checkpoint(tmp_path, damage):
+    root = str(tmp_path / "checkpoints")
+    for step in (10, 20):
+        ckpt.save_checkpoint(root, step, {"model": {"w": torch.full((64,), float(step))}, "ema": {"w": torch.ones(4)}},
+                             {"step": step})
+    newest = Path(root) / "step-20"
+    model = newest / "model.safetensors"
+    if damage == "truncate":
+        model.write_bytes(model.read_bytes()[:-10])
+    elif damage == "flip":
+        data = bytearray(model.read_bytes())
+        data[-1] ^= 0xFF
+        model.write_bytes(bytes(data))
+    elif damage == "remove":
+        (newest / "ema.safetensors").unlink()
+    else:
+        (newest / "state.json").write_text('{"step": 2')
+    with pytest.warns(UserWarning, match="step-20' is damaged"):
+        assert ckpt.resolve_resume("latest", str(tmp_path)) == str(Path(root) / "step-10")
+    with pytest.raises(ValueError, match="step-20' is a damaged checkpoint"):
+        ckpt.resolve_resume(str(newest), str(tmp_path))
+    assert ckpt.checkpoint_damage(str(Path(root) / "step-10")) is None
+
+
+def test_checkpoints_without_checksums_still_load_and_leftovers_are_removed(tmp_path):
+    from safetensors.torch import save_file
+
+    old = tmp_path / "checkpoints" / "step-5"  # as written before state.json listed its files
+    old.mkdir(parents=True)
+    save_file({"w": torch.ones(3)}, str(old / "model.safetensors"))
+    (old / "state.json").write_text('{"step": 5}')
+    assert ckpt.resolve_resume("latest", str(tmp_path)) == str(old)
+    tensors, state = ckpt.load_checkpoint(str(old))
+    assert state == {"step": 5} and torch.equal(tensors["model"]["w"], torch.ones(3))
+    (old / "model.safetensors").write_bytes(b"\x00\x01")
+    assert "model.safetensors is unreadable" in ckpt.checkpoint_damage(str(old))
+    leftover = tmp_path / "checkpoints" / "step-6.tmp-0badcafe"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    ckpt.save_checkpoint(str(tmp_path / "checkpoints"), 7, {"model": {"w": torch.ones(1)}}, {"step": 7})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-5", "step-7"]
+
+
 def test_optimizer_and_rng_state_round_trip():
     model = nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -652,3 +696,28 @@ def test_vae_decoder_fine_tune_keeps_encoder_and_latent_scale(tmp_path, manifest
     assert a.config.scaling_factor == b.config.scaling_factor and a.config.shift_factor == b.config.shift_factor
     assert all(torch.equal(x, y) for x, y in zip(a.encoder.state_dict().values(), b.encoder.state_dict().values()))
     assert any(not torch.equal(x, y) for x, y in zip(a.decoder.state_dict().values(), b.decoder.state_dict().values()))
+
+
+def test_a_fresh_run_into_a_run_folder_is_refused(tmp_path, manifest):
+    from t2v.train.dit import train_dit
+
+    run = tmp_path / "run"
+    train_dit(debug_config(DEBUG, run, manifest, "train.max_steps=2", "train.ckpt_every=0", "train.log_every=1"))
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"holds another run \(checkpoints/step-2, metrics.jsonl, pipeline\)"):
+        train_dit(debug_config(DEBUG, run, manifest, "train.max_steps=3", "train.ckpt_every=0"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    # resume=latest continues it, and each step is logged once.
+    train_dit(debug_config(DEBUG, run, manifest, "train.max_steps=3", "train.ckpt_every=0", "train.log_every=1",
+                           "resume=latest"))
+    steps = [row["step"] for row in read_metrics(str(run)) if "loss" in row]
+    assert steps == [1, 2, 3]
+
+
+def test_metrics_after_a_resume_drop_the_rows_past_the_checkpoint(tmp_path):
+    from t2v.train.logger import MetricsLogger
+
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in range(1, 31)) + "{bad\n")
+    logger = MetricsLogger(str(tmp_path), tensorboard=False, start_step=20)
+    logger.log(21, {"loss": 0.5})
+    assert [row["step"] for row in read_metrics(str(tmp_path))] == [*range(1, 21), 21]

@@ -14,13 +14,16 @@ class MetricsLogger:
     stays valid JSON.
     """
 
-    def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
+        """`start_step`: the step the run starts from; rows of later steps (logged before a resume from an earlier
+        checkpoint) are dropped, so each step appears once."""
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.writer = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
+        _truncate_after(self.path, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -43,6 +46,27 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Rewrite `path` (atomically) without rows of steps after `step`; unparsable lines go too."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if len(kept) < len(lines):
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_metrics(output_dir: str) -> list[dict]:

@@ -450,6 +450,10 @@ def train(cfg: Config, task: Task) -> TrainState:
     device = task.device
     dtype = autocast_dtype(tc.mixed_precision, device)  # chosen once for the whole run
     is_main = rank == 0
+    resume_from = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
+    if not cfg.resume and (held := ckpt.run_files(cfg.output_dir)):
+        raise ValueError(f"output_dir {cfg.output_dir!r} holds another run ({', '.join(held)}); continue it with "
+                         f"resume=latest, or give a new output_dir")
     if is_main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
@@ -461,7 +465,6 @@ def train(cfg: Config, task: Task) -> TrainState:
     trained = [p for _, p in params]
     groups = param_groups(params, tc)
     root = ckpt.checkpoint_root(cfg.output_dir)
-    resume_from = ckpt.resolve_resume(cfg.resume, cfg.output_dir)
     if resume_from is not None:  # weights first: DeepSpeed partitions what the module holds
         tensors, meta = ckpt.load_checkpoint(resume_from)
         model.load_state_dict(tensors["model"])
@@ -541,7 +544,7 @@ def train(cfg: Config, task: Task) -> TrainState:
         return ema.swapped_in() if ema is not None else contextlib.nullcontext()
 
     # 3. the loop
-    logger = MetricsLogger(cfg.output_dir, enabled=is_main)
+    logger = MetricsLogger(cfg.output_dir, enabled=is_main, start_step=state.step)
     progress = tqdm(total=tc.max_steps, initial=state.step, disable=not is_main, desc="train", dynamic_ncols=True)
     window = {"loss": 0.0, "updates": 0, "samples": 0, "tokens": 0, "start": time.perf_counter()}
     model.train()
