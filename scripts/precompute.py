@@ -51,6 +51,13 @@ def main():
                         help='column mapping as JSON, e.g. \'{"path": "video", "caption": "caption"}\'')
     args = parser.parse_args()
 
+    try:
+        run(args)
+    except ValueError as e:  # a user error: one line, exit 2
+        parser.exit(2, f"precompute.py: error: {e}\n")
+
+
+def run(args) -> None:
     from t2v.models.text_encoder import TextEmbedder
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

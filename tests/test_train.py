@@ -721,3 +721,33 @@ def test_metrics_after_a_resume_drop_the_rows_past_the_checkpoint(tmp_path):
     logger = MetricsLogger(str(tmp_path), tensorboard=False, start_step=20)
     logger.log(21, {"loss": 0.5})
     assert [row["step"] for row in read_metrics(str(tmp_path))] == [*range(1, 21), 21]
+
+
+def test_an_all_unreadable_manifest_fails_fast(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from t2v.train.dit import train_dit
+
+    rows = []
+    for i in range(6):
+        path = tmp_path / f"clip{i}.mp4"
+        path.write_bytes(os.urandom(64) if i % 2 else b"")  # random bytes and empty files
+        rows.append(f"{path},a red circle")
+    manifest = tmp_path / "bad.csv"
+    manifest.write_text("path,caption\n" + "\n".join(rows) + "\n")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"bad.csv'.*6 samples in a row were unreadable"):
+        train_dit(debug_config(DEBUG, tmp_path / "run", str(manifest), "train.max_steps=2"))
+    assert time.monotonic() - start < 60
+    from t2v.train.trainer import load_vae
+
+    vae = tmp_path / "vae"
+    load_vae("tiny", seed=0).save_pretrained(str(vae))
+    r = subprocess.run([sys.executable, "scripts/precompute.py", "--manifest", str(manifest), "--vae", str(vae),
+                        "--text-encoder", "tiny-random", "--out", str(tmp_path / "cache"), "--frames", "5",
+                        "--height", "32", "--width", "32", "--num-workers", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "no readable sample among the 6 manifest rows" in r.stderr and "Traceback" not in r.stderr

@@ -250,6 +250,9 @@ def finalize_cache(out_dir: str, num_rows: int, shard_size: int = 256, wait_seco
     if len(fingerprints) != 1:
         raise ValueError(f"shards in {out_dir!r} were made with {len(fingerprints)} different fingerprints; "
                          + REBUILD_HINT.format(path=out_dir))
+    if not samples:
+        raise ValueError(f"no readable sample among the {num_rows} manifest rows (skipped by cause: {dict(skipped)}); "
+                         f"cache {out_dir!r} is left without an index")
     index = {
         "format": CACHE_FORMAT,
         "fingerprint": json.loads(fingerprints.pop()),

@@ -112,7 +112,7 @@ class DiTTask:
     # ------------------------------------------------------------------ batches and loss
     def next_batch(self) -> dict:
         if self.cfg.data.source == "manifest":
-            return trainer.next_readable(self.stream, self.dataset)
+            return trainer.next_readable(self.stream, self.dataset, self.cfg.data.manifest)
         return next(self.stream)
 
     @torch.no_grad()

@@ -15,6 +15,7 @@ import os
 import random
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -340,13 +341,22 @@ def manifest_stream(cfg: Config, rows: list[dict], caption_dropout: float, rank:
     return dataset, LoaderStream(dataset, sampler, collate_skip_none, data.num_workers, cfg.train.seed)
 
 
-def next_readable(stream: LoaderStream, dataset) -> dict:
-    """The next manifest batch with at least one readable video; unreadable files are counted, not fatal."""
+def next_readable(stream: LoaderStream, dataset, manifest: str = "") -> dict:
+    """The next manifest batch with at least one readable video; unreadable files are counted, not fatal.
+
+    As many unreadable samples in a row as the data set holds, and none readable, is an error naming the
+    `manifest` and the counts by cause (a manifest whose every file is unreadable would otherwise loop for ever).
+    """
+    unreadable: Counter = Counter()
     while True:
         batch = next(stream)
         dataset.count_skipped(batch["skipped"])
         if batch["video"] is not None:
             return batch
+        unreadable.update(batch["skipped"])
+        if sum(unreadable.values()) >= len(dataset):
+            raise ValueError(f"data.manifest={manifest!r}: {sum(unreadable.values())} samples in a row were unreadable and none "
+                             f"readable (by cause: {dict(unreadable)}); check the paths and files it lists")
 
 
 class ShapesBatches:

@@ -134,7 +134,7 @@ class VAETask:
             train_rows, held_out = self._split_rows(rows)
             self.dataset, self.stream = trainer.manifest_stream(cfg, train_rows, 0.0, rank, world_size)
             eval_dataset, eval_stream = trainer.manifest_stream(cfg, held_out, 0.0, 0, 1)
-            self.eval_batches = [trainer.next_readable(eval_stream, eval_dataset)["video"]
+            self.eval_batches = [trainer.next_readable(eval_stream, eval_dataset, self.cfg.data.manifest)["video"]
                                  for _ in range(cfg.vae_loss.eval_batches)]
         elif data.source == "shapes":
             self.dataset = None
@@ -157,7 +157,7 @@ class VAETask:
     # ------------------------------------------------------------------ batches and loss
     def next_batch(self) -> dict:
         if self.dataset is not None:
-            return trainer.next_readable(self.stream, self.dataset)
+            return trainer.next_readable(self.stream, self.dataset, self.cfg.data.manifest)
         batch = next(self.stream)
         crop = self.cfg.data.crop_frames
         if crop and batch["video"].shape[2] > crop:  # a random window of `crop` frames, the same for the batch
@@ -227,7 +227,8 @@ class VAETask:
         if self.dataset is not None:
             rank, world_size = trainer.dist_info()
             _, stream = trainer.manifest_stream(self.cfg, self.dataset.rows, 0.0, rank, world_size)
-            batches = (trainer.next_readable(stream, self.dataset)["video"] for _ in range(self.cfg.vae_loss.stats_batches))
+            batches = (trainer.next_readable(stream, self.dataset, data.manifest)["video"]
+                       for _ in range(self.cfg.vae_loss.stats_batches))
         else:
             stream = trainer.ShapesBatches(data.batch_size, self.cfg.train.seed, STATS_STREAM, data.canonical_prob,
                                            0.0, self.device)
