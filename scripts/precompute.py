@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from t2v.cli import user_errors
 from t2v.data.cache import finalize_cache, write_cache
 from t2v.data.manifest import load_manifest
 
@@ -21,6 +22,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def load_vae(path: str, device: str):
     """A CausalVideoVAE or diffusers AutoencoderKLWan folder, chosen by its config's _class_name."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--vae {path!r} is not a VAE folder (no config.json)")
     with open(os.path.join(path, "config.json")) as f:
         class_name = json.load(f).get("_class_name")
     if class_name == "CausalVideoVAE":
@@ -51,10 +54,8 @@ def main():
                         help='column mapping as JSON, e.g. \'{"path": "video", "caption": "caption"}\'')
     args = parser.parse_args()
 
-    try:
+    with user_errors(__file__):
         run(args)
-    except ValueError as e:  # a user error: one line, exit 2
-        parser.exit(2, f"precompute.py: error: {e}\n")
 
 
 def run(args) -> None:

@@ -2,6 +2,7 @@
 
 import argparse
 
+from t2v.cli import user_errors
 from t2v.config import load_config
 from t2v.parallel.distributed import init_distributed
 from t2v.train.dit import train_dit
@@ -12,11 +13,12 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="YAML overriding the defaults of t2v.config.Config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    # Joins the launcher's process group (torchrun, deepspeed) with its sequence-parallel groups, before the
-    # task picks its data shard; a no-op for one process.
-    init_distributed(cfg.distributed.sequence_parallel_size)
-    train_dit(cfg)
+    with user_errors(__file__):
+        cfg = load_config(args.config, args.overrides)
+        # Joins the launcher's process group (torchrun, deepspeed) with its sequence-parallel groups, before the
+        # task picks its data shard; a no-op for one process.
+        init_distributed(cfg.distributed.sequence_parallel_size)
+        train_dit(cfg)
 
 
 if __name__ == "__main__":

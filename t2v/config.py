@@ -9,8 +9,9 @@ mode, so a misspelt key is an error naming it. The resolved config is written in
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -300,7 +301,19 @@ def load_structured(schema_cls, path: str | None = None, overrides: list[str] | 
             raise ValueError(f"unknown config key {e.full_key!r} in {origin}") from e
         except OmegaConfBaseException as e:
             raise ValueError(f"bad config value for {e.full_key!r} in {origin}: {str(e).splitlines()[0]}") from e
-    return OmegaConf.to_object(merged)
+    config = OmegaConf.to_object(merged)
+    _check_finite(config)
+    return config
+
+
+def _check_finite(config, prefix: str = "") -> None:
+    """Every float of a (nested) dataclass config is finite: a ValueError names the first that is not."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}{f.name}={value} must be a finite number")
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -751,3 +751,41 @@ def test_an_all_unreadable_manifest_fails_fast(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "no readable sample among the 6 manifest rows" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("train.py", ["--config", DEBUG, "flow.logit_std=nan"], "flow.logit_std=nan must be a finite number"),
+        ("train.py", ["--config", DEBUG, "train.lrr=1"], "unknown config key 'train.lrr'"),
+        ("train.py", ["--config", "no-such.yaml"], "config file 'no-such.yaml' does not exist"),
+        ("train.py", ["--config", DEBUG, "data.manifest=no-such.csv"], "no-such.csv"),
+        ("train_vae.py", ["--config", DEBUG_VAE, "train.lr=inf"], "train.lr=inf must be a finite number"),
+        ("precompute.py", ["--vae", "no-such-vae", "--text-encoder", "tiny-random", "--frames", "5"],
+         "--vae 'no-such-vae' is not a VAE folder"),
+        ("precompute.py", ["--vae", "VAE", "--text-encoder", "no/such-encoder", "--frames", "5"],
+         "text encoder 'no/such-encoder' cannot be loaded"),
+        ("precompute.py", ["--vae", "VAE", "--text-encoder", "tiny-random", "--frames", "6"], "frames 6 must be"),
+    ],
+)
+def test_training_entry_points_answer_bad_input_in_one_line(tmp_path, manifest, script, args, message):
+    import subprocess
+    import sys
+
+    from t2v.train.trainer import load_vae
+
+    out = tmp_path / "out"
+    if script == "precompute.py":
+        load_vae("tiny", seed=0).save_pretrained(str(tmp_path / "vae"))
+        args = ["--manifest", manifest, "--out", str(out), "--height", "32", "--width", "32",
+                *[str(tmp_path / "vae") if a == "VAE" else a for a in args]]
+    else:
+        args = [*args, f"output_dir={out}"]
+        if not any(a.startswith("data.manifest=") for a in args):
+            args.append(f"data.manifest={manifest}")
+    r = subprocess.run([sys.executable, f"scripts/{script}", *args], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ")
+    assert not out.exists()

@@ -55,8 +55,12 @@ def load_text_encoder(
         tokenizer, encoder = _tiny_random_bert()
     else:
         path = resolve_text_encoder(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        encoder = _encoder_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            encoder = _encoder_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+        except OSError as e:  # not a folder, and the hub does not have it or cannot be reached
+            raise ValueError(f"text encoder {name_or_path!r} cannot be loaded: not a model folder, and not on the "
+                             f"hub or the hub cannot be reached ({str(e).splitlines()[0][:120]})") from e
     # float32 unless half precision is asked for: checkpoints stored in fp16 load as fp16 otherwise.
     encoder = encoder.to(dtype or torch.float32)
     encoder.requires_grad_(False).eval()
