@@ -179,6 +179,19 @@ def test_assign_buckets():
         parse_buckets([{"frames": 1, "height": 16, "width": 16, "batch_size": 0}])
 
 
+def test_buckets_follow_aspect_ratio():
+    buckets = parse_buckets([
+        {"frames": 17, "height": 256, "width": 256, "batch_size": 4},
+        {"frames": 17, "height": 192, "width": 336, "batch_size": 4},
+        {"frames": 17, "height": 336, "width": 192, "batch_size": 4},
+        {"frames": 17, "height": 128, "width": 128, "batch_size": 8},
+    ])
+    rows = [{"frames": 40, "height": h, "width": w} for h, w in ((720, 1280), (1280, 720), (720, 720), (150, 400))]
+    bucket_ids, skipped = assign_buckets(rows, buckets)
+    # landscape, portrait, square (the larger square), and a wide clip too small for 192x336: the largest square
+    assert bucket_ids == [1, 2, 0, 3] and not skipped
+
+
 def make_sampler(rank=0, world_size=1, seed=3):
     buckets = [Bucket(1, 8, 8, 3), Bucket(9, 8, 8, 2)]
     bucket_ids = [i % 3 if i % 3 < 2 else None for i in range(60)]  # 20 each in 0 and 1, 20 unassigned

@@ -11,6 +11,7 @@ with 2 ranks and resumed with 1 (or the other way) continues from the same place
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -72,9 +73,10 @@ def assign_buckets(
     """Bucket id per row (None when skipped) and a Counter of skip reasons.
 
     Images go to the 1-frame bucket (the largest if several), else are skipped as "image_no_bucket".
-    Videos go to the largest multi-frame bucket that their optional frames/height/width columns allow
-    (frames counted at the sampling `fps` when the row gives its fps); rows without those columns go
-    to the first multi-frame bucket. Videos that fit no bucket are skipped as "video_too_small", and
+    Videos go to a multi-frame bucket that their optional frames/height/width columns allow (frames
+    counted at the sampling `fps` when the row gives its fps): with height and width, the one nearest
+    their aspect ratio (the largest among equally near), so landscape and portrait clips are not cropped
+    to squares; otherwise the largest. Rows without those columns go to the first multi-frame bucket. Videos that fit no bucket are skipped as "video_too_small", and
     all videos as "video_no_bucket" when only 1-frame buckets exist.
     """
     image_ids = [i for i, bucket in enumerate(buckets) if bucket.frames == 1]
@@ -104,6 +106,11 @@ def assign_buckets(
                 and (height is None or buckets[i].height <= height)
                 and (width is None or buckets[i].width <= width)
             ]
+            if fitting and height and width:  # nearest aspect ratio (log scale), then the largest
+                distance = {i: abs(math.log(buckets[i].width / buckets[i].height) - math.log(width / height))
+                            for i in fitting}
+                nearest = min(distance.values())
+                fitting = [i for i in fitting if distance[i] <= nearest + 1e-9]
             choice = fitting[0] if fitting else None
             if choice is None:
                 skipped["video_too_small"] += 1
