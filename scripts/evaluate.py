@@ -189,9 +189,16 @@ def score_set(scorer, rows: list[dict], args, num_gifs: int = 0, chunk: int = 32
     joint = not getattr(scorer, "conditions_texts_on_videos", False)
     text_emb = scorer.encode_texts(prompts).float() if joint else None  # (M, D)
     sims, feats, flicker, smooth, moving, shapes, gifs = [], [], [], [], [], [], []
+    first = None
     for start in range(0, len(rows), chunk):
         batch = rows[start : start + chunk]
         videos = [read_video(row["path"]) for row in batch]
+        for row, video in zip(batch, videos):  # one clip shape per set: metrics over mixed shapes mislead
+            size = "x".join(map(str, video.shape[:3]))
+            first = first or (rows[0]["path"], size)
+            if size != first[1]:
+                raise ValueError(f"video {row['path']!r} is {size} (frames x height x width) but {first[0]!r} is "
+                                 f"{first[1]}: score videos of one size at a time")
         features = scorer.video_features(videos).float()  # (n, D)
         if joint:
             sims.append(text_emb @ torch.nn.functional.normalize(features, dim=-1).T)  # (M, n)

@@ -148,6 +148,20 @@ def test_score_set_encodes_prompts_once_and_each_video_once(clip_dir, shapes_fol
     np.testing.assert_allclose(result["features"], encode_videos(videos).numpy(), atol=1e-5)
 
 
+def test_score_set_refuses_mixed_clip_shapes(clip_dir, shapes_folder, tmp_path):
+    import argparse
+
+    import imageio.v3 as iio
+
+    rows = evaluate.read_folder(str(shapes_folder))
+    small = tmp_path / "small.gif"
+    iio.imwrite(small, evaluate.read_video(rows[1]["path"])[:5, ::2, ::2], duration=125, loop=0)
+    rows[1] = {**rows[1], "path": str(small)}
+    args = argparse.Namespace(dynamic_threshold=10.0, shape_rule="template")
+    with pytest.raises(ValueError, match=r"small.gif' is 5x32x32 .* is 17x64x64: score videos of one size"):
+        evaluate.score_set(CLIPScorer(clip_dir, device="cpu"), rows, args, chunk=2)
+
+
 def test_repeated_prompts_count_each_others_videos_as_matches():
     import argparse
 

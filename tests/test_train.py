@@ -491,6 +491,10 @@ def test_dit_trains_from_a_latent_cache_and_refuses_a_stale_one(tmp_path, manife
     with pytest.raises(ValueError, match="stale"):  # another VAE (other seed) than the cache was made with
         DiTTask(debug_config(DEBUG, tmp_path / "b", manifest, "data.source=cache", f"data.cache={tmp_path / 'cache'}",
                              "train.seed=1"))
+    # Without data.manifest, a cache of another clip shape than data.frames/height/width is refused too.
+    with pytest.raises(ValueError, match="stale"):
+        DiTTask(load_config(DEBUG, [f"output_dir={tmp_path / 'c'}", "data.source=cache", f"data.cache={tmp_path / 'cache'}",
+                                    "data.frames=9"]))
 
 
 def test_synthetic_cache_trains_with_its_vae_and_text_encoder(tmp_path):

@@ -100,9 +100,10 @@ class DiTTask:
         if data.manifest:
             expected = make_fingerprint(self.vae, self.text, data.manifest, data.frames, data.height, data.width,
                                         data.fps)
-        else:  # no manifest to hash: still refuse latents of another VAE or text encoder
+        else:  # no manifest to hash: still refuse latents of another VAE, text encoder or clip shape
             expected = dataclasses.replace(LatentCache(data.cache).fingerprint, vae=vae_fingerprint(self.vae),
-                                           text_encoder=self.text.fingerprint())
+                                           text_encoder=self.text.fingerprint(), frames=data.frames,
+                                           height=data.height, width=data.width)
         dataset = LatentCacheDataset(data.cache, expected)
         bucket = Bucket(frames=data.frames, height=data.height, width=data.width, batch_size=data.batch_size)
         sampler = BucketBatchSampler([0] * len(dataset), [bucket], seed=self.cfg.train.seed, rank=rank,
