@@ -247,6 +247,11 @@ class DistributedConfig:
         _check_choice("distributed.backend", self.backend, BACKENDS)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"distributed.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        deepspeed_only = {"zero_stage": self.zero_stage != 0, "deepspeed_config": bool(self.deepspeed_config),
+                          "offload_optimizer": self.offload_optimizer, "offload_params": self.offload_params}
+        if self.backend != "deepspeed" and (set_ := [k for k, on in deepspeed_only.items() if on]):
+            raise ValueError(f"distributed.{set_[0]}={getattr(self, set_[0])!r} is a DeepSpeed setting; it needs "
+                             f"distributed.backend=deepspeed, got {self.backend!r}")
         if self.sequence_parallel_size < 1:
             raise ValueError(f"distributed.sequence_parallel_size={self.sequence_parallel_size} must be >= 1")
 

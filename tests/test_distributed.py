@@ -278,22 +278,25 @@ def test_deepspeed_config_auto_values_and_conflicts():
     from t2v.config import load_config
     from t2v.parallel.deepspeed_engine import fill_config, load_json
 
-    cfg = load_config(DEBUG, ["train.grad_accum=3", "train.mixed_precision=bf16", "distributed.zero_stage=2"])
+    cfg = load_config(DEBUG, ["train.grad_accum=3", "train.mixed_precision=bf16", "distributed.zero_stage=2",
+                                "distributed.backend=deepspeed"])
     ds = fill_config(load_json(str(ROOT / "configs" / "deepspeed" / "zero2.json")), cfg, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is True
     assert ds["optimizer"]["params"]["lr"] == cfg.train.lr and ds["optimizer"]["params"]["torch_adam"] is True
     with pytest.raises(ValueError, match="zero_stage=3"):
-        fill_config({"zero_optimization": {"stage": 2}}, load_config(DEBUG, ["distributed.zero_stage=3"]), 1)
+        fill_config({"zero_optimization": {"stage": 2}}, load_config(DEBUG, ["distributed.zero_stage=3",
+                                                                               "distributed.backend=deepspeed"]), 1)
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         fill_config({"gradient_accumulation_steps": 8}, cfg, 1)
     offload = load_config(DEBUG, ["distributed.zero_stage=3", "distributed.offload_optimizer=true",
-                                  "distributed.offload_params=true"])
+                                  "distributed.offload_params=true", "distributed.backend=deepspeed"])
     ds = fill_config(load_json(str(ROOT / "configs" / "deepspeed" / "zero3.json")), offload, world_size=2)
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"} and ds["zero_force_ds_cpu_optimizer"] is False
     with pytest.raises(ValueError, match="offload_params=true needs distributed.zero_stage=3"):
-        fill_config({}, load_config(DEBUG, ["distributed.zero_stage=2", "distributed.offload_params=true"]), 1)
+        fill_config({}, load_config(DEBUG, ["distributed.zero_stage=2", "distributed.offload_params=true",
+                                            "distributed.backend=deepspeed"]), 1)
 
 
 # ----------------------------------------------------------------------------------------------------

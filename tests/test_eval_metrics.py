@@ -266,3 +266,13 @@ def test_repeated_prompts_match_each_others_videos():
         retrieval_ranks(sim, np.zeros((3, 3), dtype=bool))
     with pytest.raises(ValueError, match=r"bool of shape \(3, 3\)"):
         retrieval_ranks(sim, np.ones((3, 2), dtype=bool))
+
+
+def test_torch_inputs_keep_float64_exactly():
+    import torch
+
+    from t2v.eval.retrieval import to_numpy
+
+    x = torch.tensor([[1.0, 1.0 + 1e-12], [0.5, 0.25]], dtype=torch.float64)
+    assert to_numpy(x)[0, 1] != to_numpy(x)[0, 0]  # a near-tie float32 would merge
+    assert to_numpy(torch.ones(2, dtype=torch.bfloat16)).dtype == np.float64

@@ -61,6 +61,8 @@ def test_config_yaml_and_overrides(tmp_path):
         ("data.wordings=narrow", "data.wordings"),
         ("data.wordings=wide", "needs data.source=shapes"),
         ("data.two_object_prob=0.9", "needs data.source=shapes"),
+        ("distributed.zero_stage=2", "needs distributed.backend=deepspeed"),
+        ("distributed.offload_optimizer=true", "is a DeepSpeed setting"),
         ("data.two_object_prob=1.5", "data.two_object_prob"),
         ("distributed.backend=mpi", "distributed.backend"),
         ("train.max_steps", "key=value"),

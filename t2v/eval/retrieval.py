@@ -26,7 +26,10 @@ RECALL_KS = (1, 5, 10)
 def to_numpy(x, name: str = "input") -> np.ndarray:
     """A float64 numpy copy of a numpy array, torch tensor or nested list."""
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch
-        x = x.detach().float().cpu().numpy()
+        x = x.detach().cpu()
+        if str(x.dtype) in ("torch.bfloat16", "torch.float16"):  # no exact numpy type; float32 holds them exactly
+            x = x.float()
+        x = x.numpy()  # float64 stays float64: ties stay exact
     try:
         return np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as err:
