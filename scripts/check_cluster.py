@@ -11,6 +11,7 @@ ranks involved.
 import argparse
 import datetime
 import hashlib
+import math
 import os
 import socket
 import sys
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from t2v.cli import user_errors
 from t2v.config import load_config
 
 
@@ -41,6 +43,11 @@ def main() -> None:
     parser.add_argument("--megabytes", type=float, default=16.0, help="all-reduce size to time")
     parser.add_argument("overrides", nargs="*", help="the run's key=value overrides")
     args = parser.parse_args()
+    if not args.timeout_s > 0 or not args.megabytes > 0 or not math.isfinite(args.timeout_s + args.megabytes):
+        parser.exit(2, f"check_cluster.py: error: --timeout-s {args.timeout_s} and --megabytes {args.megabytes} "
+                       "must be positive and finite\n")
+    with user_errors(__file__):  # the config is checked before joining anything
+        config_hash(args.config, args.overrides)
     if "WORLD_SIZE" not in os.environ:
         fail(0, "not started by a launcher (no WORLD_SIZE); run under torchrun, the deepspeed launcher or srun")
 

@@ -767,6 +767,8 @@ def test_an_all_unreadable_manifest_fails_fast(tmp_path):
         ("train.py", ["--config", "no-such.yaml"], "config file 'no-such.yaml' does not exist"),
         ("train.py", ["--config", DEBUG, "data.manifest=no-such.csv"], "no-such.csv"),
         ("train_vae.py", ["--config", DEBUG_VAE, "train.lr=inf"], "train.lr=inf must be a finite number"),
+        ("check_cluster.py", ["--config", DEBUG, "train.lrr=1"], "unknown config key 'train.lrr'"),
+        ("check_cluster.py", ["--config", DEBUG, "--timeout-s", "nan"], "must be positive and finite"),
         ("precompute.py", ["--vae", "no-such-vae", "--text-encoder", "tiny-random", "--frames", "5"],
          "--vae 'no-such-vae' is not a VAE folder"),
         ("precompute.py", ["--vae", "VAE", "--text-encoder", "no/such-encoder", "--frames", "5"],
