@@ -111,6 +111,37 @@ def test_bad_arguments(args, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--guidance", "nan"], "--guidance nan must be a finite number"),
+        (["--seed", "-1"], "--seed -1 must be in"),
+        (["--scorer", "retriever:./no-such-retriever"], "is not a folder"),
+        (["--reference", "no/such/reals"], "--reference 'no/such/reals' is not a folder"),
+        (["--out", "FULL"], "--overwrite"),
+    ],
+)
+def test_bad_arguments_are_caught_before_generating(extra, message, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")  # never loaded: every check comes first
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    (tmp_path / "full" / "videos").mkdir(parents=True)
+    (tmp_path / "full" / "videos" / "mine.mp4").write_bytes(b"user")
+    args = ["--prompts", str(prompts), "--model", str(model), "--out", str(tmp_path / "out"),
+            "--scorer", f"retriever:{tmp_path}"]
+    for key, value in zip(extra[::2], extra[1::2]):
+        value = str(tmp_path / "full") if value == "FULL" else value
+        args = [*args[: args.index(key)], key, value, *args[args.index(key) + 2 :]] if key in args else [*args, key, value]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and [p.name for p in (tmp_path / "full" / "videos").iterdir()] == ["mine.mp4"]
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a red circle"}\n\n{"prompt": oops}\n')
