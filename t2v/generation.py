@@ -97,7 +97,7 @@ def out_dir_error(out_dir: str | os.PathLike, overwrite: bool = False) -> str | 
     if path.exists() and not path.is_dir():
         return f"output folder {str(out_dir)!r} is an existing file"
     if path.is_dir():
-        held = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME and not p.name.startswith(TEMP_PREFIX))
+        held = sorted(p.name for p in path.iterdir() if not p.name.startswith((LOCK_NAME, TEMP_PREFIX)))
         if held and not overwrite:
             return (f"output folder {str(out_dir)!r} already holds {len(held)} entries (e.g. {held[0]!r}); choose a "
                     f"new folder, or pass --overwrite to replace its videos and manifest.jsonl (nothing else is removed)")
@@ -199,9 +199,20 @@ def generate_to_folder(
 def _lock(out_dir: Path) -> Path:
     """Create `out_dir/LOCK_NAME` holding our pid; ValueError if a live process holds it."""
     lock = out_dir / LOCK_NAME
+    # The pid is written first and the file linked into place (atomic, fails if the lock exists), so a lock
+    # is never seen empty.
+    mine = out_dir / f"{LOCK_NAME}.{os.getpid()}"
+    mine.write_text(str(os.getpid()))
+    try:
+        return _take_lock(lock, mine, out_dir)
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _take_lock(lock: Path, mine: Path, out_dir: Path) -> Path:
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            _link_or_create(mine, lock)
         except FileExistsError:
             try:
                 pid = int(lock.read_text().strip() or 0)
@@ -212,10 +223,21 @@ def _lock(out_dir: Path) -> Path:
                                  f"(process {pid}); wait for it or choose another folder") from None
             lock.unlink(missing_ok=True)  # the process that held it is gone
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
         return lock
     raise ValueError(f"output folder {str(out_dir)!r}: could not take its lock file {LOCK_NAME}")
+
+
+def _link_or_create(source: Path, target: Path) -> None:
+    """Hard-link `source` to `target`, or on a filesystem without hard links create `target` exclusively
+    with its content; FileExistsError either way when `target` exists."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(source.read_text())
 
 
 def _alive(pid: int) -> bool:
