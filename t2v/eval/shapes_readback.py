@@ -16,6 +16,8 @@ older bounding-box fill rule ("fill") turns on single pixels and stays available
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import ndimage
 
@@ -98,6 +100,7 @@ def _shape_by_fill(fill: float) -> str:
     return "triangle" if fill >= MIN_FILL else "unknown"
 
 
+@functools.cache
 def _template_bank() -> tuple[int, np.ndarray]:
     """Half size H and soft templates (shapes, radii, sigmas, 2H + 1, 2H + 1) centred on the canvas."""
     half = max(TEMPLATE_RADII) + int(np.ceil(3 * max(TEMPLATE_SIGMAS)))
@@ -111,19 +114,13 @@ def _template_bank() -> tuple[int, np.ndarray]:
     return half, bank
 
 
-_BANK = None
-
-
 def _shape_by_template(soft: np.ndarray, side: float, centre: tuple[int, int]) -> str:
     """The shape whose soft template best matches the coverage `soft` (H, W) in [0, 1] (soft IoU).
 
     Templates are the renderer's own shapes at radii within 2 px of the measured one ((side - 1) / 2),
     centred within a pixel of the measured centre, with edges softened by a Gaussian of each sigma.
     """
-    global _BANK
-    if _BANK is None:
-        _BANK = _template_bank()
-    half, bank = _BANK
+    half, bank = _template_bank()
     radius = int(round((side - 1) / 2))
     picked = [i for i, r in enumerate(TEMPLATE_RADII) if abs(r - radius) <= 2]
     if not picked:
