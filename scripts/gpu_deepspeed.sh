@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU DeepSpeed training of the Wan-1.3B-sized DiT (configs/model/dit_1.3b.yaml) through the real
+# One-GPU DeepSpeed training of the Wan-1.3B-sized DiT (t2v/models/configs/dit_1.3b.yaml) through the real
 # trainer, on a synthetic latent cache of 81x480x832 clips (latents 16x21x60x104, 32,760 tokens) with 512
 # T5-XXL-width text tokens: ZeRO-2, then ZeRO-3, bf16, activation checkpointing, EMA, batch 1, STEPS steps
 # each, on a machine without network access (about 6-8 minutes on one H100, most of it start-up,

@@ -22,14 +22,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
-MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
+from t2v.models.presets import load_preset
+
 PAIRS = ("dit_forward", "dit_train_step", "vae_encode", "vae_decode")
 DTYPE = torch.bfloat16
 
@@ -91,11 +90,6 @@ def resolve_configs(names: list[str], device: torch.device, quick: bool) -> list
             )
         configs.append(config)
     return configs
-
-
-def load_preset(name: str) -> dict:
-    with open(MODEL_CONFIGS / f"{name}.yaml") as f:
-        return yaml.safe_load(f)
 
 
 # ----------------------------------------------------------------------------------------------------

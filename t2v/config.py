@@ -36,7 +36,7 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
 
 @dataclass
 class ModelConfig:
-    # DiT: a preset name ("tiny" -> configs/model/dit_tiny.yaml), a YAML of constructor arguments, or a
+    # DiT: a preset name ("tiny" -> t2v/models/configs/dit_tiny.yaml), a YAML of constructor arguments, or a
     # save_pretrained folder.
     dit: str = "tiny"
     # VAE: a preset name, a YAML, a CausalVideoVAE folder or a diffusers AutoencoderKLWan folder.

@@ -6,9 +6,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from omegaconf import OmegaConf
 
+from t2v.models.presets import PRESET_DIR as CONFIGS
 from t2v.models.text_encoder import TINY_RANDOM, load_text_encoder
-
-CONFIGS = "configs/model"
 
 
 def preset(name: str) -> dict:

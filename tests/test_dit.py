@@ -9,8 +9,9 @@ from omegaconf import OmegaConf
 from t2v.models import attention as attention_module
 from t2v.models.attention import attention
 from t2v.models.dit import VideoDiT, apply_rope, default_rope_axes_dim, rope_3d
+from t2v.models.presets import PRESET_DIR
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+CONFIGS = PRESET_DIR
 
 
 def load_preset(name: str, **overrides) -> dict:

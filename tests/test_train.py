@@ -797,3 +797,18 @@ def test_training_entry_points_answer_bad_input_in_one_line(tmp_path, manifest, 
     assert "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1]
     assert r.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ")
     assert not out.exists()
+
+
+def test_model_presets_are_package_data():
+    """Presets live inside the package (shipped by a non-editable install), and a bad name lists them."""
+    import tomllib
+
+    import t2v
+    from t2v.models.presets import PRESET_DIR, preset_names
+
+    assert PRESET_DIR.is_relative_to(Path(t2v.__file__).parent)
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["t2v"]
+    assert "models/configs/*.yaml" in package_data
+    assert {"tiny", "shapes", "1.3b"} <= set(preset_names("dit")) and "tiny" in preset_names("vae")
+    with pytest.raises(ValueError, match=r"model.dit='huge' is not a folder, a YAML file or a preset; presets: \["):
+        trainer.resolve_model_spec("huge", "dit")

@@ -4,9 +4,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from t2v.models.presets import PRESET_DIR
 from t2v.models.vae import CausalVideoVAE, ChannelRMSNorm
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+CONFIGS = PRESET_DIR
 
 
 def load_preset(name: str) -> CausalVideoVAE:

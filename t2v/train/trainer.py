@@ -17,7 +17,6 @@ import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,9 +29,6 @@ from t2v.config import Config, ModelConfig, TrainConfig, save_config
 from t2v.parallel import distributed as par
 from t2v.train import checkpoint as ckpt
 from t2v.train.logger import MetricsLogger
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
-
 
 # ----------------------------------------------------------------------------------------------------
 # Environment: ranks, device, precision
@@ -85,18 +81,16 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_model_spec(spec: str, kind: str) -> str:
-    """A folder or YAML path as given; a bare preset name ("tiny") -> configs/model/{kind}_{name}.yaml."""
+    """A folder or YAML path as given; a bare preset name ("tiny") -> t2v/models/configs/{kind}_{name}.yaml."""
     if not spec:
         raise ValueError(f"model.{kind} is empty; give a preset name, a YAML file or a model folder")
     if os.path.isdir(spec) or spec.endswith((".yaml", ".yml")):
         if not os.path.exists(spec):
             raise ValueError(f"model.{kind}={spec!r} does not exist")
         return spec
-    preset = CONFIG_DIR / f"{kind}_{spec}.yaml"
-    if not preset.is_file():
-        names = sorted(p.stem[len(kind) + 1 :] for p in CONFIG_DIR.glob(f"{kind}_*.yaml"))
-        raise ValueError(f"model.{kind}={spec!r} is not a folder, a YAML file or a preset; presets: {names}")
-    return str(preset)
+    from t2v.models.presets import preset_path
+
+    return str(preset_path(kind, spec))
 
 
 def build_model(cls, spec: str, kind: str, seed: int) -> nn.Module:
