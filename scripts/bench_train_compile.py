@@ -3,7 +3,7 @@
     python scripts/bench_train_compile.py --config shapes --batch 32 --json /tmp/compile.json
 
 Two copies of the same randomly initialised `VideoDiT` (a benchmark preset of t2v/bench.py), one with every
-block compiled by `t2v.train.trainer.compile_model` as the trainer does, time a forward + backward of an MSE
+block compiled by `t2v.train.trainable.compile_model` as the trainer does, time a forward + backward of an MSE
 loss on the same inputs under bf16 autocast; calls alternate (A B, B A, ...) after warm-up, and the figure is
 the median. The compiled copy's first call (the compilation) is timed on its own. See docs/performance.md.
 """
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from t2v import bench
     from t2v.models.dit import VideoDiT
-    from t2v.train.trainer import compile_model
+    from t2v.train.trainable import compile_model
 
     if args.config not in bench.CONFIGS:
         p.error(f"--config {args.config!r} is not one of {sorted(bench.CONFIGS)}")

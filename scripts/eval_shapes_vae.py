@@ -11,7 +11,7 @@ import torch
 
 from t2v.eval.report import write_json
 from t2v.eval.vae_quality import vae_readback
-from t2v.train.trainer import load_vae
+from t2v.models.loading import load_vae
 
 
 def main(argv=None) -> int:

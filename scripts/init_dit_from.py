@@ -20,8 +20,8 @@ import argparse
 import torch
 
 from t2v.models.dit import VideoDiT
+from t2v.models.loading import build_model
 from t2v.train.export import save_atomically
-from t2v.train.trainer import build_model
 
 NEW_PER_LATENT = ("patch_embed.", "proj_out.")  # the only tensors a new VAE or patch size may leave fresh
 

@@ -32,9 +32,9 @@ from t2v.data.cache import (
     shard_ranges,
     vae_fingerprint,
 )
+from t2v.models.loading import load_vae
 from t2v.models.text_encoder import TextEmbedder
 from t2v.models.vae_utils import latent_channels, vae_scale_factors
-from t2v.train import trainer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -93,7 +93,7 @@ def main():
     if os.path.exists(os.path.join(args.out, "cache")):
         raise SystemExit(f"{args.out}/cache exists; give an empty --out")
 
-    vae = trainer.load_vae(args.vae, args.seed)
+    vae = load_vae(args.vae, args.seed)
     temporal, spatial = vae_scale_factors(vae)
     if (args.frames - 1) % temporal or args.height % spatial or args.width % spatial:
         raise SystemExit(f"clip {args.frames}x{args.height}x{args.width} does not fit the VAE: frames must be "

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from t2v.data.shapes import SHAPES, SIZES, render_batch, sample_record
 from t2v.eval.report import write_json
-from t2v.train.trainer import load_vae
+from t2v.models.loading import load_vae
 
 
 @torch.no_grad()

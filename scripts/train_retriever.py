@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from t2v.eval.retriever_train import load_retriever_config, train_retriever  # noqa: E402
+from t2v.train.retriever_task import load_retriever_config, train_retriever  # noqa: E402
 
 
 def main():

@@ -5,7 +5,7 @@ import argparse
 from t2v.cli import user_errors
 from t2v.config import load_config
 from t2v.parallel.distributed import init_distributed
-from t2v.train.vae import train_vae
+from t2v.train.vae_task import train_vae
 
 
 def main() -> None:

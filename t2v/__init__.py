@@ -12,6 +12,7 @@ _LAZY = {
     "CausalVideoVAE": "t2v.models",
     "VideoDiT": "t2v.models",
     "TextEmbedder": "t2v.models",
+    "T2VPipeline": "t2v.pipelines",
 }
 
 

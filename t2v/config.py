@@ -211,7 +211,7 @@ class VAELossConfig:
     hard_pixel_weight: float = 0.0
     hard_pixel_fraction: float = 0.05
     # Detail term: absolute error weighted by the target's squared Laplacian, normalised to mean 1 over the batch
-    # (isolated pixels 16x, corners 4x a straight edge; see t2v.train.vae.detail_error), for one-pixel features
+    # (isolated pixels 16x, corners 4x a straight edge; see t2v.train.vae_task.detail_error), for one-pixel features
     # that L1 and the hard-pixel term blur.
     detail_weight: float = 0.0
     eval_batches: int = 2  # held-out batches for PSNR / SSIM

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from t2v.config import load_config
 from t2v.parallel.distributed import init_distributed
 from t2v.train import trainer
-from t2v.train.dit import DiTTask
+from t2v.train.dit_task import DiTTask
 cfg = load_config(sys.argv[1], sys.argv[2:])
 rank, _ = init_distributed(cfg.distributed.sequence_parallel_size)  # before the task shards its data
 task = DiTTask(cfg)
@@ -188,7 +188,7 @@ def test_zero2_ranks_agree_and_match_one_process(zero2_run, reference):
 # RANK_DUMP with a NaN loss on one rank's loss call number `call` (0-based, counted per process).
 NAN_ONCE = """
 import os
-from t2v.train.dit import DiTTask
+from t2v.train.dit_task import DiTTask
 _loss, _calls = DiTTask.loss, []
 def _nan_once(self, model, batch, generator):
     out = _loss(self, model, batch, generator)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from t2v.config import load_config
 from t2v.data.shapes import write_dataset
 from t2v.train import checkpoint as ckpt
-from t2v.train.dit import train_dit
+from t2v.train.dit_task import train_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "train" / "debug.yaml")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from t2v.train.flow import dynamic_shift, flow_matching_loss, interpolate, sample_logit_normal, shift_sigmas
+from t2v.flow import dynamic_shift, flow_matching_loss, interpolate, sample_logit_normal, shift_sigmas
 
 
 def test_shift_formula_by_hand():
@@ -75,7 +75,7 @@ def test_loss_of_zero_prediction_matches_the_target_norm():
 def test_hard_pixel_error_takes_the_worst_pixels():
     import torch
 
-    from t2v.train.vae import hard_pixel_error
+    from t2v.train.vae_task import hard_pixel_error
 
     x = torch.zeros(2, 3, 1, 4, 5)  # 20 pixels per sample; fraction 0.05 keeps the single worst one
     recon = x.clone()

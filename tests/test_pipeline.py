@@ -201,8 +201,8 @@ def test_denoising_loop_follows_the_training_convention(pipe):
 
 
 def test_text_padding_is_cut_once_and_changes_nothing(pipe):
-    from pipelines.pipeline_t2v import _text_batch
     from t2v.models.text_encoder import TextEmbeddings
+    from t2v.pipelines.pipeline_t2v import _text_batch
 
     embeds = pipe.encode_prompt(["a red circle", "a large blue square moving up"], "cpu")
     negative = pipe.encode_prompt(["", ""], "cpu")

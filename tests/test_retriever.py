@@ -14,7 +14,7 @@ from t2v.eval.retriever import (
     frame_indices,
     preprocess_videos,
 )
-from t2v.eval.retriever_train import (
+from t2v.train.retriever_task import (
     embed_videos,
     group_ids,
     load_retriever_config,

@@ -478,7 +478,7 @@ def test_binding_probe_pairs_share_words_and_swap_colours():
 
 
 def test_two_object_prob_sets_the_mix_and_keeps_the_default_stream():
-    from t2v.train.trainer import ShapesBatches
+    from t2v.data.streams import ShapesBatches
 
     default = [sample_record(np.random.default_rng([5, i])) for i in range(200)]
     explicit = [sample_record(np.random.default_rng([5, i]), two_object_prob=0.5) for i in range(200)]

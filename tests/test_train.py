@@ -13,9 +13,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from t2v.config import load_config
+from t2v.models.loading import resolve_model_spec
+from t2v.runtime import autocast_dtype
 from t2v.train import checkpoint as ckpt
 from t2v.train import trainer
 from t2v.train.logger import read_metrics
+from t2v.train.optim import lr_factor
+from t2v.train.trainable import compile_model, prepare_trainable
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "train" / "debug.yaml")
@@ -88,17 +92,17 @@ def test_unknown_key_in_yaml_is_an_error(tmp_path):
 
 def test_fp16_refused_on_cpu():
     with pytest.raises(ValueError, match="fp16"):
-        trainer.autocast_dtype("fp16", torch.device("cpu"))
-    assert trainer.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    assert trainer.autocast_dtype("fp32", torch.device("cpu")) is None
+        autocast_dtype("fp16", torch.device("cpu"))
+    assert autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
 
 
 def test_lr_schedule_by_hand():
-    factors = [trainer.lr_factor(s, 2, 6, "linear") for s in range(6)]
+    factors = [lr_factor(s, 2, 6, "linear") for s in range(6)]
     # warm-up 1/2, 2/2; then linear from 1 over the remaining 4 updates
     assert factors == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
-    assert trainer.lr_factor(4, 0, 8, "cosine") == pytest.approx(0.5)
-    assert trainer.lr_factor(100, 0, 8, "constant") == 1.0
+    assert lr_factor(4, 0, 8, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 0, 8, "constant") == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,11 +279,11 @@ def test_grad_accumulation_and_trainable_subset(tmp_path):
 
 
 def test_dit_loss_finite_and_falls_on_a_memorised_batch(tmp_path, manifest):
-    from t2v.train.dit import DiTTask
+    from t2v.train.dit_task import DiTTask
 
     task = DiTTask(debug_config(DEBUG, tmp_path, manifest, "data.caption_dropout=0"))
     batch = task.next_batch()
-    params = trainer.prepare_trainable(task.model, task.cfg.model)
+    params = prepare_trainable(task.model, task.cfg.model)
     optimizer = torch.optim.AdamW([p for _, p in params], lr=1e-2)
     losses = []
     for _ in range(20):
@@ -299,7 +303,7 @@ class Interrupted(Exception):
 
 def test_dit_resume_is_exact(tmp_path, manifest):
     """40 steps in one go == 20 steps, a crash, and a resume to 40: bitwise equal weights."""
-    from t2v.train.dit import DiTTask, train_dit
+    from t2v.train.dit_task import DiTTask, train_dit
 
     straight = tmp_path / "straight"
     train_dit(debug_config(DEBUG, straight, manifest))
@@ -346,7 +350,7 @@ def test_compiled_training_matches_eager(tmp_path, manifest):
     gradient checkpointing around the compiled blocks and a validation (no grad, guided batch) after them."""
     from torch._dynamo.utils import counters
 
-    from t2v.train.dit import train_dit
+    from t2v.train.dit_task import train_dit
 
     counters.clear()
     runs = {}
@@ -361,7 +365,7 @@ def test_compiled_training_matches_eager(tmp_path, manifest):
     for name, value in runs["eager"].items():
         torch.testing.assert_close(runs["compiled"][name], value, rtol=1e-3, atol=1e-4, msg=name)
     with pytest.raises(ValueError, match="has no `blocks` list"):  # a VAE is called through encode/decode
-        trainer.compile_model(nn.Sequential(nn.Linear(2, 2)))
+        compile_model(nn.Sequential(nn.Linear(2, 2)))
 
 
 @pytest.mark.parametrize("override", ["distributed.backend=deepspeed", "distributed.sequence_parallel_size=2"])
@@ -371,8 +375,8 @@ def test_compile_refused_where_untested(tmp_path, manifest, override):
 
 
 def test_export_loads_in_the_pipeline(tmp_path, manifest):
-    from pipelines.pipeline_t2v import T2VPipeline
-    from t2v.train.dit import train_dit
+    from t2v.pipelines.pipeline_t2v import T2VPipeline
+    from t2v.train.dit_task import train_dit
 
     prompts = ["a small red circle moving left on a black background"]
     cfg = debug_config(DEBUG, tmp_path, manifest, "train.max_steps=3", "train.validate_every=3",
@@ -423,8 +427,8 @@ def test_save_atomically_replaces_refuses_and_cleans_up(tmp_path):
 
 
 def test_lora_trains_adapters_only_and_export_merges_them(tmp_path, manifest):
-    from pipelines.pipeline_t2v import T2VPipeline
-    from t2v.train.dit import DiTTask
+    from t2v.pipelines.pipeline_t2v import T2VPipeline
+    from t2v.train.dit_task import DiTTask
 
     cfg = debug_config(DEBUG, tmp_path, manifest, "train.max_steps=3", "model.lora_rank=4", "train.ema_decay=0",
                        "model.lora_target_modules=[to_qkv,to_out]")
@@ -451,7 +455,7 @@ def test_lora_trains_adapters_only_and_export_merges_them(tmp_path, manifest):
 def test_wan_vae_folder_as_the_vae(tmp_path, manifest):
     from diffusers import AutoencoderKLWan
 
-    from t2v.train.dit import DiTTask
+    from t2v.train.dit_task import DiTTask
 
     torch.manual_seed(0)
     AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
@@ -468,7 +472,7 @@ def test_wan_vae_folder_as_the_vae(tmp_path, manifest):
 
 def test_dit_trains_from_a_latent_cache_and_refuses_a_stale_one(tmp_path, manifest):
     from t2v.data.cache import finalize_cache, write_cache
-    from t2v.train.dit import DiTTask
+    from t2v.train.dit_task import DiTTask
 
     on_the_fly = DiTTask(debug_config(DEBUG, tmp_path / "a", manifest))
     write_cache(str(tmp_path / "cache"), manifest, on_the_fly.vae, on_the_fly.text, frames=5, height=32, width=32,
@@ -525,7 +529,7 @@ def test_synthetic_cache_trains_with_its_vae_and_text_encoder(tmp_path):
                               f"model.vae={out / 'vae'}", f"model.text_encoder={out / 'text_encoder'}",
                               "model.max_text_length=48", "train.max_steps=2", "train.log_every=1",
                               "train.validate_every=0", "train.ckpt_every=0"])
-    from t2v.train.dit import DiTTask
+    from t2v.train.dit_task import DiTTask
 
     trainer.train(cfg, DiTTask(cfg))
     losses = [row["loss"] for row in read_metrics(str(run)) if "loss" in row]
@@ -540,7 +544,7 @@ def test_synthetic_cache_trains_with_its_vae_and_text_encoder(tmp_path):
 
 
 def test_ssim_and_psnr_by_hand():
-    from t2v.train.vae import psnr, ssim, video_ssim
+    from t2v.eval.pixel_metrics import psnr, ssim, video_ssim
 
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(ssim(x, x), torch.ones(2))
@@ -553,7 +557,7 @@ def test_ssim_and_psnr_by_hand():
 
 def test_vae_trains_resumes_and_sets_the_latent_scale(tmp_path, manifest):
     from t2v.models.vae import CausalVideoVAE
-    from t2v.train.vae import VAETask, train_vae
+    from t2v.train.vae_task import VAETask, train_vae
 
     straight = tmp_path / "straight"
     train_vae(debug_config(DEBUG_VAE, straight, manifest, "train.max_steps=6", "train.ckpt_every=3"))
@@ -591,7 +595,7 @@ def test_vae_trains_resumes_and_sets_the_latent_scale(tmp_path, manifest):
 
 
 def test_vae_shapes_stream_with_image_batches(tmp_path):
-    from t2v.train.vae import VAETask
+    from t2v.train.vae_task import VAETask
 
     cfg = load_config(DEBUG_VAE, [f"output_dir={tmp_path}", "data.source=shapes", "data.frames=17", "data.height=64",
                                   "data.width=64", "data.image_batch_prob=0.5"])
@@ -601,7 +605,7 @@ def test_vae_shapes_stream_with_image_batches(tmp_path):
 
 
 def test_vae_spatial_gradient_term(tmp_path):
-    from t2v.train.vae import VAETask
+    from t2v.train.vae_task import VAETask
 
     cfg = load_config(DEBUG_VAE, [f"output_dir={tmp_path}", "data.source=shapes", "data.frames=17", "data.height=64",
                                   "data.width=64", "vae_loss.spatial_weight=2.0"])
@@ -620,7 +624,7 @@ def test_vae_spatial_gradient_term(tmp_path):
 
 def test_vae_detail_term_weights_isolated_pixels_over_edges(tmp_path):
     """An isolated pixel weighs 16x a straight-edge pixel; flat areas weigh nothing; the loss adds the term."""
-    from t2v.train.vae import VAETask, detail_error
+    from t2v.train.vae_task import VAETask, detail_error
 
     x = -torch.ones(1, 3, 1, 16, 16)
     x[..., 2, 3] = 1.0  # isolated pixel
@@ -653,7 +657,7 @@ def test_vae_detail_term_weights_isolated_pixels_over_edges(tmp_path):
 
 def test_validation_logs_retrieval_metrics_with_a_scorer(tmp_path, manifest):
     from t2v.eval.retriever import VideoEncoder, VideoTextRetriever
-    from t2v.train.dit import train_dit
+    from t2v.train.dit_task import train_dit
 
     torch.manual_seed(0)
     scorer_dir = tmp_path / "scorer"
@@ -672,7 +676,7 @@ def test_validation_logs_retrieval_metrics_with_a_scorer(tmp_path, manifest):
 
 
 def test_validation_logs_shapes_readback(tmp_path, manifest):
-    from t2v.train.dit import train_dit
+    from t2v.train.dit_task import train_dit
 
     cfg = debug_config(DEBUG, tmp_path / "run", manifest, "train.max_steps=2", "train.validate_every=2",
                        "train.validation_shapes=1")
@@ -691,7 +695,7 @@ def test_validation_logs_shapes_readback(tmp_path, manifest):
 
 def test_vae_decoder_fine_tune_keeps_encoder_and_latent_scale(tmp_path, manifest):
     from t2v.models.vae import CausalVideoVAE
-    from t2v.train.vae import train_vae
+    from t2v.train.vae_task import train_vae
 
     base = tmp_path / "base"
     train_vae(debug_config(DEBUG_VAE, base, manifest, "train.max_steps=2", "train.ckpt_every=0"))
@@ -705,7 +709,7 @@ def test_vae_decoder_fine_tune_keeps_encoder_and_latent_scale(tmp_path, manifest
 
 
 def test_a_fresh_run_into_a_run_folder_is_refused(tmp_path, manifest):
-    from t2v.train.dit import train_dit
+    from t2v.train.dit_task import train_dit
 
     run = tmp_path / "run"
     train_dit(debug_config(DEBUG, run, manifest, "train.max_steps=2", "train.ckpt_every=0", "train.log_every=1"))
@@ -734,7 +738,7 @@ def test_an_all_unreadable_manifest_fails_fast(tmp_path):
     import sys
     import time
 
-    from t2v.train.dit import train_dit
+    from t2v.train.dit_task import train_dit
 
     rows = []
     for i in range(6):
@@ -747,7 +751,7 @@ def test_an_all_unreadable_manifest_fails_fast(tmp_path):
     with pytest.raises(ValueError, match=r"bad.csv'.*6 samples in a row were unreadable"):
         train_dit(debug_config(DEBUG, tmp_path / "run", str(manifest), "train.max_steps=2"))
     assert time.monotonic() - start < 60
-    from t2v.train.trainer import load_vae
+    from t2v.models.loading import load_vae
 
     vae = tmp_path / "vae"
     load_vae("tiny", seed=0).save_pretrained(str(vae))
@@ -780,7 +784,7 @@ def test_training_entry_points_answer_bad_input_in_one_line(tmp_path, manifest, 
     import subprocess
     import sys
 
-    from t2v.train.trainer import load_vae
+    from t2v.models.loading import load_vae
 
     out = tmp_path / "out"
     if script == "precompute.py":
@@ -811,4 +815,4 @@ def test_model_presets_are_package_data():
     assert "models/configs/*.yaml" in package_data
     assert {"tiny", "shapes", "1.3b"} <= set(preset_names("dit")) and "tiny" in preset_names("vae")
     with pytest.raises(ValueError, match=r"model.dit='huge' is not a folder, a YAML file or a preset; presets: \["):
-        trainer.resolve_model_spec("huge", "dit")
+        resolve_model_spec("huge", "dit")

@@ -14,6 +14,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from t2v.data.shapes import render_batch, sample_record
+from t2v.eval.pixel_metrics import psnr_from_mse
 from t2v.eval.shapes_readback import attribute_accuracy
 
 
@@ -42,8 +43,7 @@ def vae_readback(vae, num: int, seed: int, split: str = "train", batch_size: int
         count += real.numel()
         recons.append(recon.numpy())
     result = attribute_accuracy(np.concatenate(recons), records, shape_method)
-    mse = squared_error / count
-    result["psnr"] = float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+    result["psnr"] = psnr_from_mse(squared_error / count)
     return result
 
 

@@ -153,7 +153,7 @@ def check_same_batch(batch, group) -> None:
         ranks = dist.get_process_group_ranks(group)
         raise ValueError(
             f"the sequence-parallel group of ranks {ranks} read different batches; a task must shard its data "
-            "by trainer.dist_info() (the data-parallel rank), built after init_distributed(sequence_parallel_size)"
+            "by data_parallel_info() (the data-parallel rank), built after init_distributed(sequence_parallel_size)"
         )
 
 
@@ -245,7 +245,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, generators: dict[s
 
     Returns "restored" or "reseeded". Checkpoints in the single-process format (no "ranks") restore as is.
     """
-    from t2v.train.trainer import seed_everything
+    from t2v.runtime import seed_everything
 
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if "ranks" not in meta:

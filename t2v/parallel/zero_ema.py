@@ -45,7 +45,7 @@ def master_partitions(engine) -> list[torch.Tensor]:
 
 
 class ShardedEMA:
-    """Same interface as `t2v.train.trainer.EMA`: step, swapped_in, state, load."""
+    """Same interface as `t2v.train.optim.EMA`: step, swapped_in, state, load."""
 
     def __init__(self, engine, params: list[tuple[str, nn.Parameter]], decay: float):
         from diffusers.training_utils import EMAModel

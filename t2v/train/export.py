@@ -12,7 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from t2v.config import Config, FlowConfig
 from t2v.models.text_encoder import MINILM
-from t2v.train.trainer import has_lora, merge_lora
+from t2v.train.trainable import has_lora, merge_lora
 
 
 def flow_scheduler(flow: FlowConfig) -> FlowMatchEulerDiscreteScheduler:
@@ -33,7 +33,7 @@ def build_pipeline(cfg: Config, transformer, vae, embedder, for_saving: bool = F
 
     With `for_saving`, the pip-installed "minilm" encoder is referenced by name instead of copied.
     """
-    from pipelines.pipeline_t2v import T2VPipeline
+    from t2v.pipelines.pipeline_t2v import T2VPipeline
 
     by_name = for_saving and cfg.model.text_encoder == MINILM
     defaults = {

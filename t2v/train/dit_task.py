@@ -18,11 +18,16 @@ from torch import nn
 
 from t2v.config import Config
 from t2v.data.manifest import load_manifest
+from t2v.data.streams import LoaderStream, ShapesBatches, manifest_stream, next_readable
+from t2v.flow import dynamic_shift, flow_matching_loss
+from t2v.models.loading import build_model, load_vae
 from t2v.models.text_encoder import TextEmbedder, TextEmbeddings
 from t2v.models.vae_utils import latent_channels, normalize_latents, vae_scale_factors
+from t2v.parallel.distributed import data_parallel_info
+from t2v.runtime import pick_device, seed_everything
 from t2v.train import trainer
 from t2v.train.export import build_pipeline, export_pipeline
-from t2v.train.flow import dynamic_shift, flow_matching_loss
+from t2v.train.trainable import freeze
 
 
 def check_clip_shape(frames: int, height: int, width: int, vae, dit) -> None:
@@ -45,24 +50,24 @@ class DiTTask:
         from t2v.models.dit import VideoDiT
 
         self.cfg = cfg
-        self.device = trainer.pick_device()
+        self.device = pick_device()
         self.scorer = None  # loaded at the first validation that needs it
-        rank, world_size = trainer.dist_info()
+        rank, world_size = data_parallel_info()
         seed = cfg.train.seed
-        trainer.seed_everything(seed)
+        seed_everything(seed)
 
         # 1. frozen VAE and text encoder (the cache path still needs them for validation and export)
-        self.vae = trainer.freeze(trainer.load_vae(cfg.model.vae, seed)).to(self.device)
+        self.vae = freeze(load_vae(cfg.model.vae, seed)).to(self.device)
         if hasattr(self.vae, "use_framewise_encoding"):  # training clips are short: encode in one pass
             self.vae.use_framewise_encoding = False
-        self.text = trainer.freeze(
+        self.text = freeze(
             TextEmbedder.from_pretrained(
                 cfg.model.text_encoder, cfg.model.text_encoder_2 or None, max_length=cfg.model.max_text_length
             )
         ).to(self.device)
 
         # 2. the transformer, checked against what feeds it
-        self.model: nn.Module = trainer.build_model(VideoDiT, cfg.model.dit, "dit", seed).to(self.device)
+        self.model: nn.Module = build_model(VideoDiT, cfg.model.dit, "dit", seed).to(self.device)
         config = self.model.config
         if config.in_channels != latent_channels(self.vae):
             raise ValueError(f"DiT in_channels={config.in_channels} != VAE latent channels {latent_channels(self.vae)}")
@@ -80,13 +85,13 @@ class DiTTask:
             if not data.manifest:
                 raise ValueError("data.source='manifest' needs data.manifest=PATH (a CSV/JSONL with path, caption)")
             rows = load_manifest(data.manifest, columns=dict(data.columns))
-            self.dataset, self.stream = trainer.manifest_stream(cfg, rows, data.caption_dropout, rank, world_size)
+            self.dataset, self.stream = manifest_stream(cfg, rows, data.caption_dropout, rank, world_size)
         elif data.source == "cache":
             self.dataset, self.stream = self._cache_stream(rank, world_size)
             self.empty = {k: v.to(self.device) for k, v in self.dataset.cache.empty_caption().items()}
         else:
             self.dataset = None
-            self.stream = trainer.ShapesBatches(data.batch_size, seed, rank, data.canonical_prob,
+            self.stream = ShapesBatches(data.batch_size, seed, rank, data.canonical_prob,
                                                 data.caption_dropout, self.device, wordings=data.wordings,
                                                 two_object_prob=data.two_object_prob)
 
@@ -108,12 +113,12 @@ class DiTTask:
         bucket = Bucket(frames=data.frames, height=data.height, width=data.width, batch_size=data.batch_size)
         sampler = BucketBatchSampler([0] * len(dataset), [bucket], seed=self.cfg.train.seed, rank=rank,
                                      world_size=world_size)
-        return dataset, trainer.LoaderStream(dataset, sampler, None, data.num_workers, self.cfg.train.seed)
+        return dataset, LoaderStream(dataset, sampler, None, data.num_workers, self.cfg.train.seed)
 
     # ------------------------------------------------------------------ batches and loss
     def next_batch(self) -> dict:
         if self.cfg.data.source == "manifest":
-            return trainer.next_readable(self.stream, self.dataset, self.cfg.data.manifest)
+            return next_readable(self.stream, self.dataset, self.cfg.data.manifest)
         return next(self.stream)
 
     @torch.no_grad()

@@ -20,6 +20,11 @@ from torch import nn
 
 from t2v.config import Config
 from t2v.data.manifest import load_manifest
+from t2v.data.streams import ShapesBatches, manifest_stream, next_readable
+from t2v.eval.pixel_metrics import psnr, video_ssim
+from t2v.models.loading import load_vae
+from t2v.parallel.distributed import data_parallel_info
+from t2v.runtime import pick_device, seed_everything
 from t2v.train import trainer
 from t2v.train.export import save_atomically
 
@@ -28,51 +33,8 @@ STATS_STREAM = 2**20 + 1  # stream of the clips whose latents set the normalisat
 
 
 # ----------------------------------------------------------------------------------------------------
-# Metrics
+# Losses
 # ----------------------------------------------------------------------------------------------------
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per sample; x, y (B, ...) in [0, data_range]."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(dim=1)
-    return 10 * torch.log10(data_range**2 / mse.clamp(min=1e-12))
-
-
-def _gaussian_window(size: int, sigma: float, channels: int, device) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float32, device=device) - size // 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size)  # (C, 1, k, k)
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity per image with a Gaussian window (Wang et al. 2004); x, y (N, C, H, W).
-
-    The window shrinks to the largest odd size that fits images smaller than `window_size`.
-    """
-    _, channels, height, width = x.shape
-    size = min(window_size, height, width)
-    size -= 1 - size % 2  # odd
-    window = _gaussian_window(size, sigma, channels, x.device)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    x, y = x.float(), y.float()
-
-    def blur(z):
-        return F.conv2d(z, window, groups=channels)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(dim=1)
-
-
-def video_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean per-frame SSIM per video; x, y (B, C, T, H, W) in [0, 1]."""
-    batch = x.shape[0]
-    frames = ssim(rearrange(x, "b c t h w -> (b t) c h w"), rearrange(y, "b c t h w -> (b t) c h w"))
-    return rearrange(frames, "(b t) -> b t", b=batch).mean(dim=1)
 
 
 def hard_pixel_error(recon: torch.Tensor, x: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -118,11 +80,11 @@ class VAETask:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = trainer.pick_device()
-        rank, world_size = trainer.dist_info()
+        self.device = pick_device()
+        rank, world_size = data_parallel_info()
         seed = cfg.train.seed
-        trainer.seed_everything(seed)
-        self.model: nn.Module = trainer.load_vae(cfg.model.vae, seed).to(self.device)
+        seed_everything(seed)
+        self.model: nn.Module = load_vae(cfg.model.vae, seed).to(self.device)
         # Image batches: a random frame of each clip of a Shapes World batch, drawn from this generator.
         self.rng = np.random.default_rng([seed, rank, 1])
 
@@ -132,14 +94,14 @@ class VAETask:
                 raise ValueError("data.source='manifest' needs data.manifest=PATH (a CSV/JSONL with a path column)")
             rows = load_manifest(data.manifest, columns=dict(data.columns))
             train_rows, held_out = self._split_rows(rows)
-            self.dataset, self.stream = trainer.manifest_stream(cfg, train_rows, 0.0, rank, world_size)
-            eval_dataset, eval_stream = trainer.manifest_stream(cfg, held_out, 0.0, 0, 1)
-            self.eval_batches = [trainer.next_readable(eval_stream, eval_dataset, self.cfg.data.manifest)["video"]
+            self.dataset, self.stream = manifest_stream(cfg, train_rows, 0.0, rank, world_size)
+            eval_dataset, eval_stream = manifest_stream(cfg, held_out, 0.0, 0, 1)
+            self.eval_batches = [next_readable(eval_stream, eval_dataset, self.cfg.data.manifest)["video"]
                                  for _ in range(cfg.vae_loss.eval_batches)]
         elif data.source == "shapes":
             self.dataset = None
-            self.stream = trainer.ShapesBatches(data.batch_size, seed, rank, data.canonical_prob, 0.0, self.device)
-            held = trainer.ShapesBatches(data.batch_size, seed, HELD_OUT_STREAM, data.canonical_prob, 0.0, self.device)
+            self.stream = ShapesBatches(data.batch_size, seed, rank, data.canonical_prob, 0.0, self.device)
+            held = ShapesBatches(data.batch_size, seed, HELD_OUT_STREAM, data.canonical_prob, 0.0, self.device)
             self.eval_batches = [next(held)["video"] for _ in range(cfg.vae_loss.eval_batches)]
         else:
             raise ValueError(f"data.source={data.source!r}: the VAE trains on pixels, use 'manifest' or 'shapes'")
@@ -157,7 +119,7 @@ class VAETask:
     # ------------------------------------------------------------------ batches and loss
     def next_batch(self) -> dict:
         if self.dataset is not None:
-            return trainer.next_readable(self.stream, self.dataset, self.cfg.data.manifest)
+            return next_readable(self.stream, self.dataset, self.cfg.data.manifest)
         batch = next(self.stream)
         crop = self.cfg.data.crop_frames
         if crop and batch["video"].shape[2] > crop:  # a random window of `crop` frames, the same for the batch
@@ -225,12 +187,12 @@ class VAETask:
         """Posterior samples of `vae_loss.stats_batches` batches as (C, N) per latent channel."""
         data = self.cfg.data
         if self.dataset is not None:
-            rank, world_size = trainer.dist_info()
-            _, stream = trainer.manifest_stream(self.cfg, self.dataset.rows, 0.0, rank, world_size)
-            batches = (trainer.next_readable(stream, self.dataset, data.manifest)["video"]
+            rank, world_size = data_parallel_info()
+            _, stream = manifest_stream(self.cfg, self.dataset.rows, 0.0, rank, world_size)
+            batches = (next_readable(stream, self.dataset, data.manifest)["video"]
                        for _ in range(self.cfg.vae_loss.stats_batches))
         else:
-            stream = trainer.ShapesBatches(data.batch_size, self.cfg.train.seed, STATS_STREAM, data.canonical_prob,
+            stream = ShapesBatches(data.batch_size, self.cfg.train.seed, STATS_STREAM, data.canonical_prob,
                                            0.0, self.device)
             batches = (next(stream)["video"] for _ in range(self.cfg.vae_loss.stats_batches))
         generator = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
