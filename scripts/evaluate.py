@@ -4,28 +4,20 @@
     python scripts/evaluate.py --stage score --videos eval/x/videos --out eval/x --scorer xclip:PATH \\
         --reference data/shapes_val
 
-generate: one video per prompt with seed ``--seed + i`` into ``OUT/videos`` (videos + manifest.jsonl).
-  Prompts: ``.txt`` (one per line) or ``.jsonl`` rows ``{"prompt", "category"?, "record"?}``.
-score: reads a video folder (``manifest.jsonl`` rows with "prompt" or "caption" and "path", or a
-  dataset's ``manifest.csv``); a video-text scorer (``clip:PATH``, ``xclip:PATH``, ``retriever:PATH``)
-  scores every video against every prompt. Writes ``OUT/metrics.json`` (retrieval R@K/MedR/MnR both
-  ways, plain and dual-softmax, matched cosine, R-precision, temporal metrics, Shapes World attribute
-  accuracy when rows carry records, per category), ``OUT/per_video.jsonl`` and ``OUT/report.html``.
-  ``--reference DIR`` (real videos + captions) gets the same metrics, an upper bound, and the Frechet
-  distance between generated and real scorer video features.
+generate writes one video per prompt (seed ``--seed + i``) into ``OUT/videos``; score writes ``OUT/metrics.json``,
+``OUT/per_video.jsonl`` and ``OUT/report.html``. The stages, their inputs and their metrics:
+`t2v/eval/evaluate.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `t2v`, `pipelines`
+from t2v.eval.evaluate import generate_stage, read_prompts, score_stage
+from t2v.eval.scorers import parse_scorer_spec
+from t2v.generation import GenerationSettings, guidance_error, out_dir_error, sampler_error, seed_error
 
 STAGES = ("generate", "score", "all")
 
@@ -69,257 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# --------------------------------------------------------------------------------------------- inputs
-def _parse_json(text: str, where: str):
-    """``json.loads(text)``, or ``ValueError`` naming ``where`` (file and line) and the text."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where} is not valid JSON ({err.msg}): {text.strip()[:80]!r}") from None
-
-
-def read_prompts(path: str) -> list[dict]:
-    """Rows ``{"prompt", ...}`` from a .txt (one prompt per line) or .jsonl file."""
-    from t2v.generation import read_prompt_file
-
-    if not path.endswith(".jsonl"):
-        return [{"prompt": prompt} for prompt in read_prompt_file(path)]
-    if not os.path.isfile(path):
-        raise ValueError(f"prompt file {path!r} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row = _parse_json(line, f"{path} line {number}")
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise ValueError(f"{path} line {number}: needs a non-empty string 'prompt', got {line.strip()[:80]!r}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"prompt file {path!r} holds no prompts")
-    return rows
-
-
-def read_folder(folder: str) -> list[dict]:
-    """Rows ``{"prompt", "path" (absolute), "record" (dict or None), "category" (or None)}`` of a folder."""
-    jsonl, csv_path = os.path.join(folder, "manifest.jsonl"), os.path.join(folder, "manifest.csv")
-    if os.path.isfile(jsonl):
-        with open(jsonl, encoding="utf-8") as f:
-            raw = [_parse_json(line, f"{jsonl} line {number}") for number, line in enumerate(f, start=1)
-                   if line.strip()]
-    elif os.path.isfile(csv_path):
-        from t2v.data.manifest import load_manifest
-
-        raw = load_manifest(csv_path)
-    else:
-        raise ValueError(f"video folder {folder!r} has no manifest.jsonl or manifest.csv")
-    if not raw:
-        raise ValueError(f"video folder {folder!r} has an empty manifest")
-    rows = []
-    for number, row in enumerate(raw, start=1):
-        text = row.get("prompt", row.get("caption")) if isinstance(row, dict) else None
-        if not isinstance(text, str) or "path" not in row:
-            raise ValueError(f"{folder} manifest row {number} needs 'path' and a 'prompt' or 'caption' string")
-        record = row.get("record")
-        if isinstance(record, str):
-            record = _parse_json(record, f"{folder} manifest row {number} 'record'") if record.strip() else None
-        rows.append({"prompt": text, "path": os.path.join(folder, row["path"]), "record": record,
-                     "category": row.get("category"), "content": row.get("canonical_caption") or text})
-    return rows
-
-
-def read_video(path: str) -> np.ndarray:
-    """All frames of an mp4/gif/... as uint8 (T, H, W, 3)."""
-    if path.lower().endswith(".gif"):
-        from PIL import Image, ImageSequence
-
-        with Image.open(path) as image:
-            frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
-    else:
-        import av
-
-        with av.open(path) as container:
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"video {path!r} has no frames")
-    return np.stack(frames)
-
-
-# --------------------------------------------------------------------------------------------- stages
-def generate(args, parser) -> str:
-    import torch
-
-    from pipelines import T2VPipeline
-    from t2v.generation import GenerationSettings, generate_to_folder, set_sampler
-
-    rows = read_prompts(args.prompts)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype_name == "float16" and device == "cpu":
-        parser.error("--dtype float16 is not supported on CPU (about 50x slower); use float32 or bfloat16")
-    pipe = T2VPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype_name)).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    set_sampler(pipe, args.shift, args.solver)
-    settings = GenerationSettings(
-        num_frames=args.num_frames, height=args.height, width=args.width, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, format=args.format, batch_size=args.batch_size,
-    )
-    extra = [{key: row[key] for key in ("category", "record") if key in row} for row in rows]
-    for key, value in (("flow_shift", args.shift), ("solver", args.solver)):  # settings that differ from the model's
-        if value is not None:
-            extra = [{**row, key: value} for row in extra]
-    out = os.path.join(args.out, "videos")
-    seeds = [args.seed + i for i in range(len(rows))]
-    generate_to_folder(pipe, [row["prompt"] for row in rows], out, seeds, settings, extra=extra,
-                       overwrite=args.overwrite)
-    return out
-
-
-def score_set(scorer, rows: list[dict], args, num_gifs: int = 0, chunk: int = 32) -> dict:
-    """Similarity matrix, scorer features and per-video metrics of a folder, reading ``chunk`` videos at a time."""
-    import torch
-
-    from t2v.eval.report import video_gif_base64
-    from t2v.eval.shapes_readback import read_back, score
-    from t2v.eval.temporal import dynamic_degree, motion_smoothness, temporal_flicker
-
-    prompts = [row["prompt"] for row in rows]
-    # A joint-space scorer encodes the prompts once and each video once (its features, normalised, are its
-    # embedding); X-CLIP conditions every text on the video, so it scores each chunk with all prompts.
-    joint = not getattr(scorer, "conditions_texts_on_videos", False)
-    text_emb = scorer.encode_texts(prompts).float() if joint else None  # (M, D)
-    sims, feats, flicker, smooth, moving, shapes, gifs = [], [], [], [], [], [], []
-    first = None
-    for start in range(0, len(rows), chunk):
-        batch = rows[start : start + chunk]
-        videos = [read_video(row["path"]) for row in batch]
-        for row, video in zip(batch, videos):  # one clip shape per set: metrics over mixed shapes mislead
-            size = "x".join(map(str, video.shape[:3]))
-            first = first or (rows[0]["path"], size)
-            if size != first[1]:
-                raise ValueError(f"video {row['path']!r} is {size} (frames x height x width) but {first[0]!r} is "
-                                 f"{first[1]}: score videos of one size at a time")
-        features = scorer.video_features(videos).float()  # (n, D)
-        if joint:
-            sims.append(text_emb @ torch.nn.functional.normalize(features, dim=-1).T)  # (M, n)
-        else:
-            sims.append(scorer.similarity(prompts, videos))  # (M, n)
-        feats.append(features)
-        flicker.append(temporal_flicker(videos, per_video=True))
-        if min(len(v) for v in videos) >= 3:
-            smooth.append(motion_smoothness(videos, per_video=True))
-        else:  # undefined for 2-frame videos
-            smooth.append(np.full(len(videos), np.nan))
-        moving.append(dynamic_degree(videos, args.dynamic_threshold, per_video=True))
-        shapes += [score(read_back(v, args.shape_rule), row["record"]) if row["record"] else None
-                   for v, row in zip(videos, batch)]
-        gifs += [video_gif_base64(v) for v in videos[: max(0, num_gifs - start)]]
-        print(f"scored {min(start + chunk, len(rows))}/{len(rows)} videos", flush=True)
-    return {
-        "sim": torch.cat(sims, dim=1).numpy(),  # (M, N)
-        "features": torch.cat(feats).float().numpy(),  # (N, D)
-        "flicker": np.concatenate(flicker), "smoothness": np.concatenate(smooth),
-        "moving": np.concatenate(moving), "shapes": shapes, "gifs": gifs,
-    }
-
-
-def _shapes_accuracy(results: list[dict | None]) -> dict:
-    scored = [r for r in results if r is not None]
-    if not scored:
-        return {}
-    rates = {attribute: float(np.mean([r[attribute] for r in scored])) for attribute in scored[0]}
-    return {"shapes": {**rates, "num_videos": len(scored)}}
-
-
-def summarize(result: dict, rows: list[dict], args) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics dict of a scored set, plus its text-to-video and video-to-text ranks."""
-    from t2v.eval.retrieval import retrieval_metrics, retrieval_ranks, same_prompt_matches, summarize_ranks
-    from t2v.eval.similarity import r_precision
-
-    sim = result["sim"]
-    n = sim.shape[0]
-    # a repeated prompt (common among a dataset's canonical captions) matches the videos of all its copies, and
-    # so do other wordings of the same content (a Shapes World data set's canonical_caption column)
-    match = same_prompt_matches([row.get("content") or row["prompt"] for row in rows])  # (n, n)
-    t2v_ranks, v2t_ranks = retrieval_ranks(sim, match)
-    matched = np.diag(sim)
-    metrics = {"num_videos": n, **retrieval_metrics(sim, match, dual_softmax=True),
-               "matched_cosine": float(matched.mean())}
-    if n >= 2:
-        k = min(args.r_precision_distractors, n - 1)
-        metrics[f"r_precision@{k + 1}"] = r_precision(sim, num_distractors=k, seed=0)
-    metrics["temporal_flicker"] = float(result["flicker"].mean())
-    if np.isfinite(result["smoothness"]).all():
-        metrics["motion_smoothness"] = float(result["smoothness"].mean())
-    metrics["dynamic_degree"] = float(result["moving"].mean())
-    metrics.update(_shapes_accuracy(result["shapes"]))
-
-    categories = sorted({row["category"] for row in rows if row["category"] is not None})
-    if categories:
-        metrics["per_category"] = {}
-        for category in categories:
-            index = np.array([i for i, row in enumerate(rows) if row["category"] == category])
-            # queries of this category against the full gallery, so numbers compare across categories
-            metrics["per_category"][category] = {
-                "num_videos": len(index),
-                **summarize_ranks(t2v_ranks[index], "t2v"),
-                **summarize_ranks(v2t_ranks[index], "v2t"),
-                "matched_cosine": float(matched[index].mean()),
-                **_shapes_accuracy([result["shapes"][i] for i in index]),
-            }
-    return metrics, t2v_ranks, v2t_ranks
-
-
-def score_stage(args, videos_dir: str) -> dict:
-    from t2v.eval.frechet import frechet_distance
-    from t2v.eval.report import write_report
-    from t2v.eval.scorers import load_scorer
-
-    rows = read_folder(videos_dir)
-    scorer = load_scorer(args.scorer, device=args.device)
-    result = score_set(scorer, rows, args, num_gifs=args.report_videos)
-    generated, t2v_ranks, v2t_ranks = summarize(result, rows, args)
-    metrics = {"scorer": args.scorer, "shape_rule": args.shape_rule, "videos": os.path.abspath(videos_dir),
-               "generated": generated}
-    if args.reference:
-        ref_rows = read_folder(args.reference)
-        ref = score_set(scorer, ref_rows, args)
-        metrics["reference"], _, _ = summarize(ref, ref_rows, args)
-        metrics["reference"]["path"] = os.path.abspath(args.reference)
-        if len(rows) >= 2 and len(ref_rows) >= 2:
-            metrics["frechet_distance"] = frechet_distance(result["features"], ref["features"])
-
-    # 1. every output goes to a temporary name first; metrics.json is renamed into place last, so a failed
-    # run never leaves a half-written file or a metrics.json beside another run's report
-    os.makedirs(args.out, exist_ok=True)
-    per_video = "".join(
-        json.dumps({
-            "prompt": row["prompt"], "path": row["path"], "category": row["category"],
-            "t2v_rank": float(t2v_ranks[i]), "v2t_rank": float(v2t_ranks[i]),
-            "matched_cosine": float(result["sim"][i, i]), "temporal_flicker": float(result["flicker"][i]),
-            "shapes": result["shapes"][i],
-        }) + "\n"
-        for i, row in enumerate(rows)
-    )
-    cards = [
-        {"gif": gif, "prompt": rows[i]["prompt"], "rank": float(t2v_ranks[i]),
-         "scores": {"cosine": float(result["sim"][i, i]),
-                    **({"shapes all": result["shapes"][i]["all"]} if result["shapes"][i] else {})}}
-        for i, gif in enumerate(result["gifs"])
-    ]
-    tmp = {name: os.path.join(args.out, f".tmp-{name}") for name in ("per_video.jsonl", "report.html", "metrics.json")}
-    with open(tmp["per_video.jsonl"], "w") as f:
-        f.write(per_video)
-    write_report(tmp["report.html"], metrics, cards, result["sim"], t2v_ranks,
-                 title=f"t2v evaluation: {os.path.basename(os.path.abspath(videos_dir))}")
-    with open(tmp["metrics.json"], "w") as f:
-        json.dump(metrics, f, indent=2)
-    # 2. rename into place, metrics.json last
-    for name, path in tmp.items():
-        os.replace(path, os.path.join(args.out, name))
-    return metrics
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -329,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--stage {args.stage} needs --{name}")
         if not os.path.isfile(os.path.join(args.model, "model_index.json")):
             parser.error(f"--model {args.model!r} has no model_index.json (not a pipeline folder)")
-        from t2v.generation import guidance_error, out_dir_error, seed_error
-
         try:
             count = len(read_prompts(args.prompts))
         except ValueError as e:
@@ -343,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("score", "all"):
         if args.scorer is None:
             parser.error(f"--stage {args.stage} needs --scorer clip:PATH | xclip:PATH | retriever:PATH")
-        from t2v.eval.scorers import parse_scorer_spec
-
         try:
             kind, path = parse_scorer_spec(args.scorer)
         except ValueError as e:
@@ -360,18 +97,25 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} {value} must be at least 1")
     if args.dynamic_threshold < 0 or args.report_videos < 0:
         parser.error("--dynamic-threshold and --report-videos must be non-negative")
-    from t2v.generation import sampler_error
-
     if (error := sampler_error(args.shift, args.solver)) is not None:
         parser.error(f"--shift {args.shift} --solver {args.solver}: {error}")
 
     try:
         videos_dir = args.videos or os.path.join(args.out, "videos")
         if args.stage in ("generate", "all"):
-            videos_dir = generate(args, parser)
+            settings = GenerationSettings(
+                num_frames=args.num_frames, height=args.height, width=args.width, num_inference_steps=args.steps,
+                guidance_scale=args.guidance, format=args.format, batch_size=args.batch_size,
+            )
+            videos_dir = generate_stage(args.model, args.prompts, args.out, settings, seed=args.seed,
+                                        shift=args.shift, solver=args.solver, device=args.device, dtype=args.dtype,
+                                        overwrite=args.overwrite)
             print(f"videos in {videos_dir}")
         if args.stage in ("score", "all"):
-            metrics = score_stage(args, videos_dir)
+            metrics = score_stage(videos_dir, args.out, args.scorer, reference=args.reference, device=args.device,
+                                  shape_rule=args.shape_rule, dynamic_threshold=args.dynamic_threshold,
+                                  r_precision_distractors=args.r_precision_distractors,
+                                  report_videos=args.report_videos)
             generated = metrics["generated"]
             print(" ".join(f"{k}={generated[k]:.2f}" for k in ("t2v/R1", "t2v/R5", "t2v/MedR", "v2t/R1")))
             print(f"metrics in {os.path.join(args.out, 'metrics.json')}, report in {os.path.join(args.out, 'report.html')}")

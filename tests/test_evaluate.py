@@ -1,18 +1,26 @@
 """The evaluation run end to end on tiny components: generate to a folder, score it, write the report."""
 
-import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
+from t2v.eval import evaluate
 from t2v.eval.scorers import CLIPScorer
 
-spec = importlib.util.spec_from_file_location("evaluate_script", "scripts/evaluate.py")
-evaluate = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(evaluate)
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
+
+
+def run_script(args: list) -> subprocess.CompletedProcess:
+    """scripts/evaluate.py in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +57,10 @@ def shapes_folder(tmp_path_factory):
 
 def test_score_stage_on_true_renders(clip_dir, shapes_folder, tmp_path):
     out = tmp_path / "eval"
-    args = ["--stage", "score", "--videos", shapes_folder, "--out", out, "--scorer", f"clip:{clip_dir}",
-            "--reference", shapes_folder, "--report-videos", "2"]
-    assert evaluate.main([str(a) for a in args]) == 0
+    returned = evaluate.score_stage(str(shapes_folder), str(out), f"clip:{clip_dir}", reference=str(shapes_folder),
+                                    report_videos=2)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(returned))
     generated = metrics["generated"]
     assert generated["num_videos"] == 4
     for key in ("t2v/R1", "t2v/MedR", "v2t/MnR", "dsl/t2v/R1", "r_precision@4", "temporal_flicker",
@@ -86,7 +94,9 @@ def test_generate_and_score_with_tiny_pipeline(clip_dir, tmp_path):
     out = tmp_path / "eval"
     args = ["--prompts", prompts, "--model", model, "--out", out, "--scorer", f"clip:{clip_dir}", "--steps", "1",
             "--seed", "5"]
-    assert evaluate.main([str(a) for a in args]) == 0
+    r = run_script(args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"metrics in {out / 'metrics.json'}" in r.stdout
     rows = [json.loads(line) for line in (out / "videos" / "manifest.jsonl").read_text().splitlines()]
     assert [row["seed"] for row in rows] == [5, 6, 7] and rows[2]["category"] == "b"
     metrics = json.loads((out / "metrics.json").read_text())["generated"]
@@ -104,11 +114,10 @@ def test_generate_and_score_with_tiny_pipeline(clip_dir, tmp_path):
         (["--stage", "score", "--out", "x", "--scorer", "clip:p", "--videos", "no/such/dir"], "no manifest"),
     ],
 )
-def test_bad_arguments(args, message, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.main([a if a != "x" else str(tmp_path / "x") for a in args])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+def test_bad_arguments(args, message, tmp_path):
+    r = run_script([a if a != "x" else str(tmp_path / "x") for a in args])
+    assert r.returncode == 2
+    assert message in r.stderr
 
 
 @pytest.mark.parametrize(
@@ -121,7 +130,7 @@ def test_bad_arguments(args, message, tmp_path, capsys):
         (["--out", "FULL"], "--overwrite"),
     ],
 )
-def test_bad_arguments_are_caught_before_generating(extra, message, tmp_path, capsys):
+def test_bad_arguments_are_caught_before_generating(extra, message, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "model_index.json").write_text("{}")  # never loaded: every check comes first
@@ -134,10 +143,9 @@ def test_bad_arguments_are_caught_before_generating(extra, message, tmp_path, ca
     for key, value in zip(extra[::2], extra[1::2]):
         value = str(tmp_path / "full") if value == "FULL" else value
         args = [*args[: args.index(key)], key, value, *args[args.index(key) + 2 :]] if key in args else [*args, key, value]
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    r = run_script(args)
+    assert r.returncode == 2
+    err = r.stderr
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and [p.name for p in (tmp_path / "full" / "videos").iterdir()] == ["mine.mp4"]
 
@@ -153,8 +161,6 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 
 def test_score_set_encodes_prompts_once_and_each_video_once(clip_dir, shapes_folder, monkeypatch):
-    import argparse
-
     scorer = CLIPScorer(clip_dir, device="cpu")
     rows = evaluate.read_folder(str(shapes_folder))
     videos = [evaluate.read_video(row["path"]) for row in rows]
@@ -173,49 +179,41 @@ def test_score_set_encodes_prompts_once_and_each_video_once(clip_dir, shapes_fol
 
     monkeypatch.setattr(scorer, "encode_texts", count_texts)
     monkeypatch.setattr(scorer, "encode_videos", count_videos)
-    result = evaluate.score_set(scorer, rows, argparse.Namespace(dynamic_threshold=10.0, shape_rule="template"), chunk=2)
+    result = evaluate.score_set(scorer, rows, dynamic_threshold=10.0, shape_rule="template", chunk=2)
     assert calls == {"texts": 4, "videos": 4}
     np.testing.assert_allclose(result["sim"], expected, atol=1e-5)
     np.testing.assert_allclose(result["features"], encode_videos(videos).numpy(), atol=1e-5)
 
 
 def test_score_set_refuses_mixed_clip_shapes(clip_dir, shapes_folder, tmp_path):
-    import argparse
-
     import imageio.v3 as iio
 
     rows = evaluate.read_folder(str(shapes_folder))
     small = tmp_path / "small.gif"
     iio.imwrite(small, evaluate.read_video(rows[1]["path"])[:5, ::2, ::2], duration=125, loop=0)
     rows[1] = {**rows[1], "path": str(small)}
-    args = argparse.Namespace(dynamic_threshold=10.0, shape_rule="template")
     with pytest.raises(ValueError, match=r"small.gif' is 5x32x32 .* is 17x64x64: score videos of one size"):
-        evaluate.score_set(CLIPScorer(clip_dir, device="cpu"), rows, args, chunk=2)
+        evaluate.score_set(CLIPScorer(clip_dir, device="cpu"), rows, dynamic_threshold=10.0, shape_rule="template",
+                           chunk=2)
 
 
 def test_repeated_prompts_count_each_others_videos_as_matches():
-    import argparse
-
     rows = [{"prompt": p, "category": None} for p in ("a red circle", "a red circle", "a blue square")]
     sim = np.array([[0.9, 0.8, 0.1], [0.9, 0.8, 0.1], [0.2, 0.3, 0.7]])  # equal prompts: equal rows
     result = {"sim": sim, "flicker": np.zeros(3), "smoothness": np.zeros(3), "moving": np.zeros(3),
               "shapes": [None] * 3}
-    args = argparse.Namespace(r_precision_distractors=99)
-    metrics, t2v_ranks, v2t_ranks = evaluate.summarize(result, rows, args)
+    metrics, t2v_ranks, v2t_ranks = evaluate.summarize(result, rows, r_precision_distractors=99)
     np.testing.assert_array_equal(t2v_ranks, [1, 1, 1])
     np.testing.assert_array_equal(v2t_ranks, [1, 1, 1])
     assert metrics["t2v/R1"] == 100.0 and metrics["v2t/R1"] == 100.0
 
 
 def test_failed_report_leaves_no_metrics(clip_dir, shapes_folder, tmp_path, monkeypatch):
-    import t2v.eval.report
-
     def broken_report(*args, **kwargs):
         raise ValueError("report failed")
 
-    monkeypatch.setattr(t2v.eval.report, "write_report", broken_report)
+    monkeypatch.setattr(evaluate, "write_report", broken_report)
     out = tmp_path / "eval"
-    with pytest.raises(SystemExit):
-        evaluate.main(["--stage", "score", "--videos", str(shapes_folder), "--out", str(out),
-                       "--scorer", f"clip:{clip_dir}"])
+    with pytest.raises(ValueError, match="report failed"):  # the script answers it in one line, exit code 2
+        evaluate.score_stage(str(shapes_folder), str(out), f"clip:{clip_dir}")
     assert not (out / "metrics.json").exists() and not (out / "per_video.jsonl").exists()
