@@ -1,6 +1,6 @@
 """Our DiT's training step eager against `train.compile=true` (each block compiled), interleaved in one process.
 
-    python scripts/bench_train_compile.py --config shapes --batch 32 --json /tmp/compile.json
+    python benchmarks/bench_train_compile.py --config shapes --batch 32 --json /tmp/compile.json
 
 Two copies of the same randomly initialised `VideoDiT` (a benchmark preset of t2v/bench.py), one with every
 block compiled by `t2v.train.trainable.compile_model` as the trainer does, time a forward + backward of an MSE
@@ -16,9 +16,6 @@ import json
 import os
 import sys
 import time
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """Benchmark our VideoDiT and CausalVideoVAE against diffusers' Wan models, side by side.
 
-    python scripts/benchmark.py --quick                      # shapes + 300m (reduced) on CPU, < 3 min
-    python scripts/benchmark.py --tiny --json /tmp/b.json    # seconds: the smoke test
-    python scripts/benchmark.py --device cuda --json b.json  # shapes, 300m, 1.3b on a GPU
-    python scripts/benchmark.py --generate                   # also time a cold generate.py run
+    python benchmarks/benchmark.py --quick                      # shapes + 300m (reduced) on CPU, < 3 min
+    python benchmarks/benchmark.py --tiny --json /tmp/b.json    # seconds: the smoke test
+    python benchmarks/benchmark.py --device cuda --json b.json  # shapes, 300m, 1.3b on a GPU
+    python benchmarks/benchmark.py --generate                   # also time a cold generate.py run
 
 Prints a table (ratio = ours / reference, for time and for peak memory) and with --json writes one object
 per measured pair and configuration. See docs/performance.md.
@@ -19,8 +19,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, for generate.py
 
 GENERATE_PROMPT = "a large blue square moving up on a white background"
 

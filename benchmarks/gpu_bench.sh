@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU benchmark in one go (under 8 minutes), on a machine without network access.
 #
-#   OUT=/some/folder bash scripts/gpu_bench.sh
+#   OUT=/some/folder bash benchmarks/gpu_bench.sh
 #
 # Installs only local wheels ($WHEELS/*.whl, default wheels/: diffusers, omegaconf, importlib_metadata) into /tmp/site,
-# then runs scripts/benchmark.py on cuda for shapes, 300m and 1.3b (eager), and, while time is left, the
+# then runs benchmarks/benchmark.py on cuda for shapes, 300m and 1.3b (eager), and, while time is left, the
 # 300m DiT pairs again with torch.compile. Results: $OUT/bench_cuda.json, $OUT/bench_cuda_compile.json and
 # the printed tables in $OUT/bench_cuda.log.
 set -uo pipefail
@@ -31,7 +31,7 @@ if ! python -c "import diffusers, einops, yaml" 2>> "$LOG"; then
 fi
 
 # 1. eager: every pair at shapes, 300m and 1.3b
-timeout $((BUDGET - SECONDS - 60)) python scripts/benchmark.py --device cuda --configs shapes,300m,1.3b \
+timeout $((BUDGET - SECONDS - 60)) python benchmarks/benchmark.py --device cuda --configs shapes,300m,1.3b \
     --json "$OUT/bench_cuda.json" 2>&1 | grep -v '^USDT' | tee -a "$LOG"
 status=${PIPESTATUS[0]}
 echo "eager run exit status $status after ${SECONDS}s" | tee -a "$LOG"
@@ -39,7 +39,7 @@ echo "eager run exit status $status after ${SECONDS}s" | tee -a "$LOG"
 # 2. torch.compile on the 300m DiT pairs, only while enough time is left
 left=$((BUDGET - SECONDS))
 if [ "$left" -gt 90 ]; then
-    timeout "$left" python scripts/benchmark.py --device cuda --configs 300m --pairs dit_forward,dit_train_step \
+    timeout "$left" python benchmarks/benchmark.py --device cuda --configs 300m --pairs dit_forward,dit_train_step \
         --compile --json "$OUT/bench_cuda_compile.json" 2>&1 | grep -v '^USDT' | tee -a "$LOG"
     echo "compile run exit status ${PIPESTATUS[0]} after ${SECONDS}s" | tee -a "$LOG"
 else

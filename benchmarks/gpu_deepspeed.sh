@@ -5,7 +5,7 @@
 # each, on a machine without network access (about 6-8 minutes on one H100, most of it start-up,
 # the final checkpoint and the export).
 #
-#   OUT=/some/folder bash scripts/gpu_deepspeed.sh
+#   OUT=/some/folder bash benchmarks/gpu_deepspeed.sh
 #
 # Installs only local wheels ($WHEELS/*.whl, default wheels/: deepspeed and what it needs beyond torch,
 # diffusers, omegaconf) into /tmp/site. Results: $OUT/gpu_deepspeed.log, $OUT/zero{2,3}_metrics.jsonl and

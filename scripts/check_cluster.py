@@ -1,6 +1,7 @@
 """Check a multi-process launch before training on it; run it under the same launcher as training:
 
-    torchrun --nproc_per_node 8 scripts/check_cluster.py --config configs/train/shapes_dit.yaml [key=value ...]
+    torchrun --nproc_per_node 8 scripts/check_cluster.py --config examples/shapes_world/configs/shapes_dit.yaml \\
+        [key=value ...]
 
 Every rank must reach the others (all-reduce of rank ids), see the GPUs it expects (one per local
 process on CUDA; none on CPU), and agree on the world size and on the hash of the resolved config

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Multi-node training under SLURM: one task per node, each running a torchrun agent for that node's GPUs.
 #
-#   sbatch --nodes 4 --gres gpu:8 scripts/slurm_train.sh --config configs/train/shapes_dit.yaml distributed.backend=ddp
+#   sbatch --nodes 4 --gres gpu:8 scripts/slurm_train.sh --config examples/shapes_world/configs/shapes_dit.yaml \
+#       distributed.backend=ddp
 #
 # The first node of the allocation hosts the c10d rendezvous; every argument goes to scripts/train.py.
 # GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE, else 8) and RDZV_PORT (default 29500) can be overridden.

@@ -15,7 +15,7 @@ REQUIRED = ("pair", "config", "ours_s", "reference_s", "ratio", "ours_peak_mb", 
 def test_tiny_benchmark_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--tiny", "--device", "cpu", "--threads", "1", "--json", str(out)],
+        [sys.executable, "benchmarks/benchmark.py", "--tiny", "--device", "cpu", "--threads", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -91,7 +91,7 @@ def test_peak_memory_counts_live_allocations():
 def test_train_compile_benchmark_writes_json(tmp_path):
     out = tmp_path / "compile.json"
     proc = subprocess.run(
-        [sys.executable, "scripts/bench_train_compile.py", "--config", "tiny", "--batch", "2", "--warmup", "0",
+        [sys.executable, "benchmarks/bench_train_compile.py", "--config", "tiny", "--batch", "2", "--warmup", "0",
          "--repeats", "1", "--device", "cpu", "--threads", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )

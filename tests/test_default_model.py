@@ -49,9 +49,9 @@ def test_readme_generate_command(tmp_path):
 
 
 def test_quick_eval_script_reads_back_every_category(tmp_path):
-    """scripts/quick_eval_shapes.py on the shipped model (2 steps: the figures mean nothing, the plumbing runs)."""
+    """quick_eval_shapes.py on the shipped model (2 steps: the figures mean nothing, the plumbing runs)."""
     out = tmp_path / "quick.json"
-    cmd = [sys.executable, "scripts/quick_eval_shapes.py", "--model", t2v.DEFAULT_MODEL, "--per-category", "1",
+    cmd = [sys.executable, "examples/shapes_world/scripts/quick_eval_shapes.py", "--model", t2v.DEFAULT_MODEL, "--per-category", "1",
            "--steps", "2", "--guidance", "1", "5", "--batch-size", "3", "--device", "cpu", "--json", str(out)]
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1], capture_output=True)
     result = json.loads(out.read_text())

@@ -375,10 +375,10 @@ def test_shapes_4x_pair_keeps_the_token_count():
 
 def test_init_dit_from_copies_matching_tensors_and_refuses_other_widths(tmp_path):
     """Warm start for a new patch size: blocks and embedders copied, patch embedding and output new."""
-    import sys
+    import runpy
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from init_dit_from import main as init_main
+    init_main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "shapes_world" / "scripts"
+                                   / "init_dit_from.py"))["main"]
 
     torch.manual_seed(0)
     old = VideoDiT.from_config(load_preset("dit_tiny"))

@@ -412,8 +412,12 @@ def test_sample_batch():
     assert np.array_equal(videos[3].numpy(), render(records[3]))
 
 
+# Shapes World's own scripts (the prompt set, a research probe), run from where they live
+SCRIPTS = "examples/shapes_world/scripts"
+
+
 def test_prompt_script(tmp_path):
-    main = runpy.run_path("scripts/make_shapes_prompts.py")["main"]
+    main = runpy.run_path(f"{SCRIPTS}/make_shapes_prompts.py")["main"]
     out = tmp_path / "prompts.jsonl"
     main(["--out", str(out), "--seed", "0"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -435,7 +439,7 @@ def test_prompt_script(tmp_path):
 def test_prompt_script_renders_the_real_videos(tmp_path):
     import imageio.v3 as iio
 
-    main = runpy.run_path("scripts/make_shapes_prompts.py")["main"]
+    main = runpy.run_path(f"{SCRIPTS}/make_shapes_prompts.py")["main"]
     main(["--out", str(tmp_path / "p.jsonl"), "--per-category", "2", "--render-real", str(tmp_path / "real")])
     rows = [json.loads(line) for line in (tmp_path / "real" / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and [row["path"] for row in rows] == [f"{i:05d}.mp4" for i in range(8)]
@@ -444,7 +448,8 @@ def test_prompt_script_renders_the_real_videos(tmp_path):
 
 
 def test_diagnose_finds_binding_swaps_and_unstable_colours():
-    diagnose = runpy.run_path("scripts/diagnose_shapes.py")["diagnose"]
+    from t2v.eval.shapes_diagnosis import diagnose
+
     record = {"background": "black", "objects": [
         {"colour": "red", "shape": "circle", "size": "large", "motion": "moving right", "start": [12, 14]},
         {"colour": "blue", "shape": "square", "size": "large", "motion": "moving down", "start": [45, 12]}]}
@@ -462,7 +467,7 @@ def test_diagnose_finds_binding_swaps_and_unstable_colours():
 
 
 def test_binding_probe_pairs_share_words_and_swap_colours():
-    probe = runpy.run_path("scripts/probe_text_binding.py")
+    probe = runpy.run_path(f"{SCRIPTS}/probe_text_binding.py")
     pairs = probe["caption_pairs"](20, 0)
     assert len(pairs) == 10
     for caption, swapped, shape in pairs:

@@ -77,9 +77,11 @@ def test_config_errors_name_the_key(override, message):
         load_config(DEBUG, [override])
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*(ROOT / "configs" / "train").glob("*.yaml"),
+                                         *(ROOT / "examples" / "shapes_world" / "configs").glob("*.yaml")]),
+                         ids=lambda p: p.name)
 def test_shipped_training_configs_load(path):
-    """Every config in configs/train (the Shapes recipe's stages among them) passes the typed checks."""
+    """Every config in configs/train and the Shapes World recipe's stages pass the typed checks."""
     cfg = load_config(str(path))
     assert cfg.output_dir and cfg.train.max_steps > 0
 

@@ -214,11 +214,11 @@ def test_bf16_autocast_training_step():
 
 
 def test_decoder_widths_of_its_own(tmp_path):
-    import sys
+    import runpy
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from new_vae_decoder import main as new_decoder_main
-    from ship_default import same_latent_space
+    scripts = Path(__file__).resolve().parents[1] / "examples" / "shapes_world" / "scripts"
+    new_decoder_main = runpy.run_path(str(scripts / "new_vae_decoder.py"))["main"]
+    same_latent_space = runpy.run_path(str(scripts / "ship_default.py"))["same_latent_space"]
 
     torch.manual_seed(0)
     vae = CausalVideoVAE(latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1,
@@ -264,10 +264,10 @@ def test_decoder_widths_of_its_own(tmp_path):
 
 
 def test_grow_rejects_a_narrower_decoder():
-    import sys
+    import runpy
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from new_vae_decoder import with_new_decoder
+    with_new_decoder = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "shapes_world"
+                                          / "scripts" / "new_vae_decoder.py"))["with_new_decoder"]
 
     with pytest.raises(ValueError, match=r"widths \[8, 8, 8\] x 1 must be at least"):
         with_new_decoder(tiny_vae_4x(), [8, 8, 8], 1, seed=0)

@@ -1,12 +1,15 @@
 """VAE read-back bound: a perfect autoencoder reads back 100%, a random one does not, and the script writes JSON."""
 
 import json
+import runpy
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from t2v.eval.vae_quality import vae_readback
+
+SCRIPTS = "examples/shapes_world/scripts"  # the read-back and latent-probe scripts, run from where they live
 
 
 class IdentityVAE(nn.Module):
@@ -40,7 +43,7 @@ def test_blanking_vae_loses_the_objects():
 
 
 def test_script_writes_json(tmp_path):
-    from scripts.eval_shapes_vae import main
+    main = runpy.run_path(f"{SCRIPTS}/eval_shapes_vae.py")["main"]
 
     out = tmp_path / "vae.json"
     assert main(["--vae", "tiny", "--num", "3", "--batch-size", "2", "--device", "cpu", "--json", str(out)]) == 0
@@ -69,8 +72,9 @@ def _synthetic_latents(records, informative: bool) -> torch.Tensor:
 def test_latent_probe_reads_what_the_latents_keep_and_nothing_else():
     import numpy as np
 
-    from scripts.probe_vae_latents import probe
     from t2v.data.shapes import sample_record
+
+    probe = runpy.run_path(f"{SCRIPTS}/probe_vae_latents.py")["probe"]
 
     rng = np.random.default_rng(0)
     records = [sample_record(rng, 1, "train") for _ in range(300)]
@@ -82,7 +86,7 @@ def test_latent_probe_reads_what_the_latents_keep_and_nothing_else():
 
 
 def test_latent_probe_script_writes_json(tmp_path):
-    from scripts.probe_vae_latents import main
+    main = runpy.run_path(f"{SCRIPTS}/probe_vae_latents.py")["main"]
 
     out = tmp_path / "probe.json"
     assert main(["--vae", "tiny", "--num", "20", "--epochs", "1", "--json", str(out)]) == 0

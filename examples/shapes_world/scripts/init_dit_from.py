@@ -9,7 +9,7 @@ the new VAE cell times the new patch covers the same pixels as before (4x VAE wi
 with 1x1 patches), the token grid is unchanged and only the mapping between latents and tokens has to be
 learnt anew. Train the result with `model.dit=OUT`.
 
-    python scripts/init_dit_from.py --dit t2v/assets/default_model/transformer --config shapes_p2 \
+    python examples/shapes_world/scripts/init_dit_from.py --dit t2v/assets/default_model/transformer --config shapes_p2 \
         --out runs/dit_p2_init
 """
 

@@ -2,7 +2,7 @@
 
 The encoder weights and the latent normalisation are copied unchanged, so a DiT trained on this VAE's latents
 still applies; train the new decoder with the encoder frozen (`model.trainable=[decoder]`), then ship it with
-`scripts/ship_default.py --vae`.
+`examples/shapes_world/scripts/ship_default.py --vae`.
 
 By default the new decoder starts as the old one (`--init grow`): it decodes exactly what the old decoder
 decoded, and only training makes use of the added channels and blocks. Each old weight is copied into its
@@ -11,7 +11,7 @@ the weights that read from one keep their random initialisation (so they receive
 gains are rescaled for the larger channel count, attention queries for the larger head dimension, and an added
 res block starts as the identity (its second conv at zero). `--init random` starts the decoder from scratch.
 
-    python scripts/new_vae_decoder.py --vae t2v/assets/default_model/vae --widths 32,64,128,128 --layers 1 \
+    python examples/shapes_world/scripts/new_vae_decoder.py --vae t2v/assets/default_model/vae --widths 32,64,128,128 --layers 1 \
         --out runs/wide_decoder_init
 """
 

@@ -1,6 +1,6 @@
 """Does the text encoder tell the DiT which attribute belongs to which object? A linear-probe check.
 
-    python scripts/probe_text_binding.py [--text-encoder minilm] [--num 1200] [--json FILE]
+    python examples/shapes_world/scripts/probe_text_binding.py [--text-encoder minilm] [--num 1200] [--json FILE]
 
 For two-object Shapes World captions whose objects have different shapes, a logistic-regression probe
 predicts the colour of one named shape (e.g. "the circle's colour") from (a) the pooled vector, which the
@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `t2v`
-from t2v.data.shapes import canonical_caption, sample_record  # noqa: E402
-from t2v.eval.report import write_json  # noqa: E402
-from t2v.models.text_encoder import TextEmbedder  # noqa: E402
+from t2v.data.shapes import canonical_caption, sample_record
+from t2v.eval.report import write_json
+from t2v.models.text_encoder import TextEmbedder
 
 
 def caption_pairs(num: int, seed: int) -> list[tuple[str, str, str]]:

@@ -6,7 +6,7 @@ Encodes `--num` one-object clips (posterior mean), then trains on 80% and tests 
   at frame 0 (mean absolute error in pixels, and the share of clips within half a pixel on both axes).
 High probe accuracy with a low reconstruction read-back says the decoder loses what the latents keep.
 
-    python scripts/probe_vae_latents.py --vae t2v/assets/default_model/vae --num 3000 --seed 5 [--json FILE]
+    python examples/shapes_world/scripts/probe_vae_latents.py --vae t2v/assets/default_model/vae --num 3000 --seed 5 [--json FILE]
 """
 
 from __future__ import annotations

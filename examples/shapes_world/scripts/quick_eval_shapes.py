@@ -1,6 +1,6 @@
 """Shapes World read-back of a pipeline's generations, in memory: no video files, no codec, no retriever.
 
-    python scripts/quick_eval_shapes.py --model t2v/assets/default_model --per-category 32 --json out.json
+    python examples/shapes_world/scripts/quick_eval_shapes.py --model t2v/assets/default_model --per-category 32 --json out.json
 
 Generates one video per prompt of `make_prompts(seed, per_category)` (seeds seed, seed + 1, ...) for each
 guidance scale and flow shift, reads the attributes back from the frames and writes per-category accuracy. A
@@ -10,16 +10,13 @@ is scripts/evaluate.py.
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `t2v`, `pipelines`
-from t2v.data.shapes import PROMPT_CATEGORIES, make_prompts  # noqa: E402
-from t2v.eval.report import write_json  # noqa: E402
-from t2v.eval.shapes_eval import generate_frames, readback_by_category  # noqa: E402
+from t2v.data.shapes import PROMPT_CATEGORIES, make_prompts
+from t2v.eval.report import write_json
+from t2v.eval.shapes_eval import generate_frames, readback_by_category
 
 
 def main():
@@ -44,8 +41,8 @@ def main():
     args = parser.parse_args()
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size {args.batch_size} must be at least 1")
-    from pipelines import T2VPipeline
     from t2v.generation import sampler_error, set_sampler
+    from t2v.pipelines import T2VPipeline
 
     for shift in args.shift:
         if (error := sampler_error(shift, args.solver)) is not None:

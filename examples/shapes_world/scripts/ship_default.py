@@ -1,6 +1,6 @@
 """Package a trained pipeline folder as the shipped default model (half-precision safetensors).
 
-    python scripts/ship_default.py --pipeline runs/shapes_default/dit/pipeline --out t2v/assets/default_model \
+    python examples/shapes_world/scripts/ship_default.py --pipeline runs/shapes_default/dit/pipeline --out t2v/assets/default_model \
         --steps 20 --guidance 4.0 [--vae runs/shapes_default/vae_decoder/vae]
 
 The text encoder is not copied: the folder names it ("minilm", the pip-installed offline MiniLM).
@@ -11,19 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
-
-from pipelines import T2VPipeline  # noqa: E402
-from t2v.models.dit import VideoDiT  # noqa: E402
-from t2v.models.text_encoder import MINILM  # noqa: E402
-from t2v.models.vae import CausalVideoVAE  # noqa: E402
-from t2v.train.export import save_atomically  # noqa: E402
+from t2v.models.dit import VideoDiT
+from t2v.models.text_encoder import MINILM
+from t2v.models.vae import CausalVideoVAE
+from t2v.pipelines import T2VPipeline
+from t2v.train.export import save_atomically
 
 
 def same_latent_space(trained: CausalVideoVAE, replacement: CausalVideoVAE, where: str) -> CausalVideoVAE:
