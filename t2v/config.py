@@ -308,16 +308,11 @@ class Config:
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides, checked against the schema; returns a `Config`."""
-    return load_structured(Config, path, overrides)
-
-
-def load_structured(schema_cls, path: str | None = None, overrides: list[str] | tuple[str, ...] = ()):
-    """Any dataclass schema: defaults <- YAML <- `key=value` overrides in OmegaConf struct mode.
+    """Defaults <- YAML file <- `key=value` overrides in OmegaConf struct mode; returns a checked `Config`.
 
     An unknown key or a badly typed value is a ValueError naming the key and where it came from.
     """
-    merged = OmegaConf.structured(schema_cls)
+    merged = OmegaConf.structured(Config)
     OmegaConf.set_struct(merged, True)
     layers = []
     if path:

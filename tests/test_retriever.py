@@ -1,6 +1,7 @@
 """Video-text retriever: embeddings, divided space-time attention, persistence, a short real training."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -160,6 +161,11 @@ def test_save_load_round_trip_gives_identical_scores(retriever, tmp_path):
     assert loaded.video_encoder.config.max_frames == TINY["max_frames"]
 
 
+def test_the_shipped_retriever_loads():
+    model = VideoTextRetriever.from_pretrained("t2v/assets/shapes_retriever")
+    assert model.video_encoder.config.sample_size == 64 and model.encode_texts(["a red circle"]).shape == (1, 256)
+
+
 def test_a_few_training_steps_beat_chance():
     torch.manual_seed(0)
     model = VideoTextRetriever(VideoEncoder(**TINY), text_head_hidden=64).train()
@@ -315,3 +321,42 @@ def test_fine_tuned_text_layers_train_and_round_trip(tmp_path):
     model.eval().save_pretrained(tmp_path)
     loaded = VideoTextRetriever.from_pretrained(str(tmp_path))
     torch.testing.assert_close(loaded.encode_texts(captions), model.encode_texts(captions))
+
+
+def test_two_ranks_train_as_one_rank_with_accumulation(tmp_path):
+    """A real 2-process DDP launch (CPU, gloo) ends with the weights of one process accumulating 2 micro-batches:
+    both consume the same global batches of the manifest, and rank gradients average as micro-batches do."""
+    import socket
+    import subprocess
+    import sys
+
+    import imageio.v2 as imageio
+    from safetensors.torch import load_file
+
+    videos, captions = synthetic_pairs()
+    rows = ["path,caption"]
+    for i, (video, caption) in enumerate(zip(videos, captions)):
+        imageio.mimwrite(tmp_path / f"clip{i}.mp4", list(video), fps=8, macro_block_size=1)
+        rows.append(f"clip{i}.mp4,{caption}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    args = ["scripts/train_retriever.py", "--config", TINY_CONFIG, "data.source=manifest",
+            f"data.manifest={tmp_path / 'train.csv'}", "data.frames=9", "data.height=32", "data.width=32",
+            "retriever.sample_size=32", "retriever.eval_size=4", "data.batch_size=2", "train.max_steps=2",
+            "train.mixed_precision=fp32"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for launch, extra, out in [(torchrun, ["distributed.backend=ddp"], "ddp"), ([sys.executable], ["train.grad_accum=2"], "one")]:
+        done = subprocess.run([*launch, *args, *extra, f"output_dir={tmp_path / out}"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ddp = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-2" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "checkpoints" / "step-2" / "model.safetensors"))
+    trained = [name for name in one if not name.startswith("text_encoder.")]
+    for name in trained:
+        torch.testing.assert_close(ddp[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+    initial = RetrieverTask(load_config(TINY_CONFIG, ["retriever.sample_size=32"])).model.state_dict()
+    assert any(not torch.allclose(one[name], initial[name]) for name in trained)  # the runs really trained

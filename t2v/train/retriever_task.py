@@ -124,6 +124,9 @@ class RetrieverTask:
             raise ValueError(f"batch sizes {batch_sizes} must be >= 2: the other pairs of a batch are the negatives")
         self.device = pick_device()
         rank, world_size = data_parallel_info()
+        if cfg.distributed.backend == "ddp" and world_size > 1 and any(b.frames == 1 for b in data.buckets or [data]):
+            raise ValueError("a 1-frame bucket (images) leaves the temporal attention without gradients, which DDP "
+                             "refuses; train on images with one process, or drop the 1-frame bucket")
         seed_everything(cfg.train.seed)
 
         # 1. the model, and what of it trains
