@@ -188,7 +188,7 @@ def test_a_few_training_steps_beat_chance():
 
 def test_training_runs_through_the_loop_on_shapes(tmp_path):
     cfg = load_config(TINY_CONFIG, [f"output_dir={tmp_path}", "train.max_steps=2", "data.batch_size=4",
-                                    "retriever.eval_size=4"])
+                                    "retriever.eval_size=4", "model.gradient_checkpointing=true"])
     state = train_retriever(cfg)
     assert state.step == 2
     rows = read_metrics(str(tmp_path))
