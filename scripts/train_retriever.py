@@ -1,23 +1,22 @@
-"""Train the video-text retriever used as the retrieval judge.
-
-    python scripts/train_retriever.py --config configs/retriever/shapes.yaml device=cuda train.max_steps=3000
-"""
+"""Train the video-text retriever (the retrieval judge): python scripts/train_retriever.py --config FILE [key=value ...]"""
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from t2v.cli import user_errors
+from t2v.config import load_config
+from t2v.parallel.distributed import init_distributed
+from t2v.train.retriever_task import train_retriever
 
-from t2v.train.retriever_task import load_retriever_config, train_retriever  # noqa: E402
 
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML overriding the defaults of RetrieverConfig")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=64")
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML overriding the defaults of t2v.config.Config")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args()
-    train_retriever(load_retriever_config(args.config, args.overrides))
+    with user_errors(__file__):
+        cfg = load_config(args.config, args.overrides)
+        init_distributed()  # joins the launcher's process group (torchrun); a no-op for one process
+        train_retriever(cfg)
 
 
 if __name__ == "__main__":

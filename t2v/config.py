@@ -72,6 +72,7 @@ class BucketConfig:
 class DataConfig:
     source: str = "manifest"  # manifest | cache | shapes
     manifest: str = ""  # CSV/JSONL with path, caption columns
+    eval_manifest: str = ""  # held-out manifest the retriever task scores (R@K) at validation; "" = none
     columns: dict[str, str] = field(default_factory=dict)  # canonical name -> manifest column
     cache: str = ""  # LatentCache folder (source=cache)
     frames: int = 17
@@ -115,11 +116,6 @@ class DataConfig:
             raise ValueError(f"data.crop_frames={self.crop_frames} must be >= 0 (0 = whole clips)")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
-        if self.source == "shapes" and (self.frames, self.height, self.width) != (17, 64, 64):
-            raise ValueError(
-                f"data.source='shapes' renders 17x64x64 clips, but data.frames/height/width = "
-                f"{self.frames}/{self.height}/{self.width}; set them to 17/64/64"
-            )
 
 
 @dataclass
@@ -234,6 +230,38 @@ class VAELossConfig:
 
 
 @dataclass
+class RetrieverConfig:
+    """The video-text retriever (scripts/train_retriever.py); the other tasks ignore this section."""
+
+    # VideoEncoder constructor arguments
+    sample_size: int = 64
+    patch_size: int = 8
+    max_frames: int = 9  # clips are subsampled uniformly to this many frames
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    embed_dim: int = 256
+    # Text side: a sentence encoder ("minilm", the offline package, a local path or a hub id) and a trained head.
+    text_encoder: str = "minilm"
+    text_head_hidden: int = 512
+    text_trainable_layers: int = 0  # last layers of the sentence encoder to fine-tune; 0 = frozen
+    text_lr: float = 2e-5  # learning rate of those layers (the rest trains at train.lr)
+    max_text_length: int = 64
+    # Validation: held-out pairs with distinct captions, scored by R@K.
+    eval_size: int = 100
+
+    def __post_init__(self):
+        for name in ("sample_size", "patch_size", "max_frames", "embed_dim", "max_text_length", "eval_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"retriever.{name}={getattr(self, name)} must be >= 1")
+        if self.text_trainable_layers < 0:
+            raise ValueError(f"retriever.text_trainable_layers={self.text_trainable_layers} must be >= 0 (0 = frozen)")
+        if self.text_lr < 0:
+            raise ValueError(f"retriever.text_lr={self.text_lr} must be >= 0")
+
+
+@dataclass
 class DistributedConfig:
     backend: str = "none"  # none | ddp | deepspeed
     zero_stage: int = 0
@@ -265,6 +293,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
@@ -279,16 +308,11 @@ class Config:
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides, checked against the schema; returns a `Config`."""
-    return load_structured(Config, path, overrides)
-
-
-def load_structured(schema_cls, path: str | None = None, overrides: list[str] | tuple[str, ...] = ()):
-    """Any dataclass schema: defaults <- YAML <- `key=value` overrides in OmegaConf struct mode.
+    """Defaults <- YAML file <- `key=value` overrides in OmegaConf struct mode; returns a checked `Config`.
 
     An unknown key or a badly typed value is a ValueError naming the key and where it came from.
     """
-    merged = OmegaConf.structured(schema_cls)
+    merged = OmegaConf.structured(Config)
     OmegaConf.set_struct(merged, True)
     layers = []
     if path:

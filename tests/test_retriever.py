@@ -1,11 +1,13 @@
 """Video-text retriever: embeddings, divided space-time attention, persistence, a short real training."""
 
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
+from t2v.config import load_config
 from t2v.eval.retrieval import retrieval_metrics
 from t2v.eval.retriever import (
     VideoEncoder,
@@ -14,15 +16,28 @@ from t2v.eval.retriever import (
     frame_indices,
     preprocess_videos,
 )
+from t2v.train.logger import read_metrics
+from t2v.train.optim import build_adamw
 from t2v.train.retriever_task import (
-    embed_videos,
+    RetrieverTask,
     group_ids,
-    load_retriever_config,
-    make_optimizer,
+    param_groups,
     train_retriever,
 )
 
 TINY = dict(sample_size=32, patch_size=8, max_frames=5, hidden_size=32, num_layers=2, num_heads=2, embed_dim=32)
+TINY_CONFIG = "configs/retriever/tiny.yaml"
+
+
+def optimizer_for(model, overrides=()):
+    """The AdamW the retriever task builds, over the parameters the model itself trains."""
+    cfg = load_config(TINY_CONFIG, list(overrides))
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return build_adamw(param_groups(params, cfg.train, cfg.retriever.text_lr), cfg.train)
+
+
+def embed_videos(model, videos):
+    return model.embed_pixels(model.preprocess(videos))
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +123,11 @@ def test_bad_configs_and_inputs_raise(retriever):
     with pytest.raises(ValueError, match="list of strings"):
         retriever.encode_texts("a red circle")
     with pytest.raises(ValueError, match="unknown config key 'train.bach_size'"):
-        load_retriever_config("configs/retriever/tiny.yaml", ["train.bach_size=4"])
+        load_config(TINY_CONFIG, ["train.bach_size=4"])
     with pytest.raises(ValueError, match="data.source='folder'"):
-        load_retriever_config(None, ["data.source=folder"])
+        load_config(TINY_CONFIG, ["data.source=folder"])
+    with pytest.raises(ValueError, match="retriever.text_trainable_layers=-1"):
+        load_config(TINY_CONFIG, ["retriever.text_trainable_layers=-1"])
 
 
 def test_contrastive_loss_matches_hand_computation():
@@ -144,11 +161,15 @@ def test_save_load_round_trip_gives_identical_scores(retriever, tmp_path):
     assert loaded.video_encoder.config.max_frames == TINY["max_frames"]
 
 
+def test_the_shipped_retriever_loads():
+    model = VideoTextRetriever.from_pretrained("t2v/assets/shapes_retriever")
+    assert model.video_encoder.config.sample_size == 64 and model.encode_texts(["a red circle"]).shape == (1, 256)
+
+
 def test_a_few_training_steps_beat_chance():
     torch.manual_seed(0)
     model = VideoTextRetriever(VideoEncoder(**TINY), text_head_hidden=64).train()
-    cfg = load_retriever_config(None, ["train.lr=1e-3", "train.weight_decay=0"]).train
-    optimizer = make_optimizer(model, cfg)
+    optimizer = optimizer_for(model, ["train.lr=1e-3", "train.weight_decay=0"])
     videos, captions = synthetic_pairs()
     features = model.sentence_features(captions)
     with torch.no_grad():
@@ -165,19 +186,96 @@ def test_a_few_training_steps_beat_chance():
     assert r1 >= 75.0, f"t2v R@1 {r1} after training (chance 12.5, before training {chance})"
 
 
-def test_training_script_runs_end_to_end_on_shapes(tmp_path):
-    cfg = load_retriever_config(
-        "configs/retriever/tiny.yaml",
-        [f"output_dir={tmp_path}", "train.max_steps=2", "train.batch_size=4", "train.eval_size=4"],
-    )
-    metrics = train_retriever(cfg)
-    assert 0.0 <= metrics["canonical/t2v/R1"] <= 100.0 and "paraphrase/v2t/R1" in metrics
-    assert (tmp_path / "config.yaml").exists() and (tmp_path / "metrics.jsonl").exists()
+def test_training_runs_through_the_loop_on_shapes(tmp_path):
+    cfg = load_config(TINY_CONFIG, [f"output_dir={tmp_path}", "train.max_steps=2", "data.batch_size=4",
+                                    "retriever.eval_size=4", "model.gradient_checkpointing=true"])
+    state = train_retriever(cfg)
+    assert state.step == 2
+    rows = read_metrics(str(tmp_path))
+    assert {"loss", "lr", "grad_norm", "batch_t2v_acc", "logit_scale"} <= set(rows[0])
+    final = rows[-1]
+    assert 0.0 <= final["val/canonical/t2v/R1"] <= 100.0 and "val/paraphrase/v2t/R1" in final
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints").is_dir()
+    assert load_config(str(tmp_path / "config.yaml")).model.trainable == ["video_encoder.", "text_head.", "logit_scale"]
     loaded = VideoTextRetriever.from_pretrained(str(tmp_path / "model"))
     assert loaded.encode_texts(["a small red circle"]).shape == (1, 32)
 
 
-def test_manifest_source_mixes_images_and_videos(tmp_path):
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_is_exact(tmp_path):
+    """Four steps in one go == two steps, a crash, and a resume to four: bitwise equal weights, EMA, optimizer."""
+    from safetensors.torch import load_file
+
+    from t2v.train import trainer
+
+    def config(output_dir, *extra):
+        return load_config(TINY_CONFIG, [f"output_dir={output_dir}", "data.batch_size=4", "retriever.eval_size=4",
+                                         "train.warmup_steps=1", "train.ckpt_every=2", "train.ema_decay=0.9", *extra])
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_retriever(config(straight))
+
+    class CrashingTask(RetrieverTask):
+        """Fails when asked for the third step's batch, after step-2 was saved."""
+
+        def next_batch(self):
+            self.batches = getattr(self, "batches", 0) + 1
+            if self.batches > 2:
+                raise Interrupted
+            return super().next_batch()
+
+    task = CrashingTask(config(resumed))
+    with pytest.raises(Interrupted):
+        trainer.train(task.cfg, task)
+    train_retriever(config(resumed, "resume=latest"))
+    for group in ("model", "ema", "optimizer"):
+        a = load_file(str(straight / "checkpoints" / "step-4" / f"{group}.safetensors"))
+        b = load_file(str(resumed / "checkpoints" / "step-4" / f"{group}.safetensors"))
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{group} {name} differs after resume"
+    losses = [(row["step"], row["loss"]) for row in read_metrics(str(straight)) if "loss" in row]
+    assert [(row["step"], row["loss"]) for row in read_metrics(str(resumed)) if "loss" in row] == losses
+    assert [step for step, _ in losses] == [1, 2, 3, 4]
+
+
+def test_task_hooks_group_decay_and_clamp_the_temperature(tmp_path):
+    task = RetrieverTask(load_config(TINY_CONFIG, [f"output_dir={tmp_path}", "data.batch_size=2",
+                                                   "retriever.eval_size=2"]))
+    params = [(name, p) for name, p in task.model.named_parameters() if p.requires_grad]
+    decay, no_decay = task.param_groups(params, task.cfg.train)
+    names = {id(p): name for name, p in params}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} >= {"logit_scale", "video_encoder.cls_token",
+                                                          "video_encoder.pos_spatial", "video_encoder.norm_out.weight",
+                                                          "text_head.0.bias"}
+    assert all(p.ndim >= 2 for p in decay["params"]) and "text_head.0.weight" in {names[id(p)] for p in decay["params"]}
+    with pytest.raises(ValueError, match="task.cfg"):  # the loop given a config that trains the text encoder too
+        task.param_groups(list(task.model.named_parameters()), task.cfg.train)
+    with torch.no_grad():
+        task.model.logit_scale.fill_(10.0)
+    task.after_update(task.model)
+    assert task.model.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.source=cache", "the retriever trains on pixels"),
+        ("data.frames=9", "renders 17x64x64 clips, but data.frames/height/width = 9/64/64"),
+        ("data.batch_size=1", "must be >= 2"),
+        ("model.trainable=[text_head]", "leave both unset"),
+    ],
+)
+def test_task_refuses_what_it_cannot_train(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        RetrieverTask(load_config(TINY_CONFIG, [f"output_dir={tmp_path}", override]))
+
+
+def test_manifest_source_buckets_images_and_videos(tmp_path):
     import imageio.v2 as imageio
     from PIL import Image
 
@@ -191,16 +289,18 @@ def test_manifest_source_mixes_images_and_videos(tmp_path):
             Image.fromarray(video[0]).save(tmp_path / f"frame{i}.png")
             rows.append(f"frame{i}.png,{caption} (still)")
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
-    cfg = load_retriever_config(
-        "configs/retriever/tiny.yaml",
-        [
-            f"output_dir={tmp_path / 'run'}", "data.source=manifest", f"data.manifest={tmp_path / 'train.csv'}",
-            f"data.eval_manifest={tmp_path / 'train.csv'}", "data.frames=9", "model.sample_size=32",
-            "train.max_steps=2", "train.batch_size=8",
-        ],
-    )
-    metrics = train_retriever(cfg)
-    assert set(metrics) >= {"eval/t2v/R1", "eval/v2t/R1"}
+    cfg = load_config(TINY_CONFIG, [
+        f"output_dir={tmp_path / 'run'}", "data.source=manifest", f"data.manifest={tmp_path / 'train.csv'}",
+        f"data.eval_manifest={tmp_path / 'train.csv'}", "retriever.sample_size=32", "train.max_steps=2",
+        "data.buckets=[{frames: 9, height: 32, width: 32, batch_size: 4}, {frames: 1, height: 32, width: 32, batch_size: 4}]",
+    ])
+    task = RetrieverTask(cfg)
+    frames = {task.next_batch()["video"].shape[2] for _ in range(4)}
+    assert frames == {1, 9}  # one shape per batch: a bucket of videos, a bucket of images
+    assert [clip.shape for clip in task.eval_sets["manifest"][0]][:2] == [(1, 32, 32, 3), (9, 32, 32, 3)]
+    train_retriever(cfg)
+    final = read_metrics(str(tmp_path / "run"))[-1]
+    assert {"val/manifest/t2v/R1", "val/manifest/v2t/R1"} <= set(final)
 
 
 def test_fine_tuned_text_layers_train_and_round_trip(tmp_path):
@@ -209,7 +309,8 @@ def test_fine_tuned_text_layers_train_and_round_trip(tmp_path):
     assert model.text_encoder.training  # dropout on while its last layer trains
     last = model.text_encoder.encoder.layer[-1].output.dense.weight
     before = last.detach().clone()
-    optimizer = make_optimizer(model, load_retriever_config(None, ["train.text_lr=1e-3"]).train)
+    optimizer = optimizer_for(model, ["retriever.text_lr=1e-3"])
+    assert [group["lr"] for group in optimizer.param_groups] == [5e-4, 5e-4, 1e-3]  # text layers at text_lr
     videos, captions = synthetic_pairs()
     loss = contrastive_loss(
         model.embed_text_features(model.sentence_features(captions)), embed_videos(model, videos), model.logit_scale
@@ -220,3 +321,42 @@ def test_fine_tuned_text_layers_train_and_round_trip(tmp_path):
     model.eval().save_pretrained(tmp_path)
     loaded = VideoTextRetriever.from_pretrained(str(tmp_path))
     torch.testing.assert_close(loaded.encode_texts(captions), model.encode_texts(captions))
+
+
+def test_two_ranks_train_as_one_rank_with_accumulation(tmp_path):
+    """A real 2-process DDP launch (CPU, gloo) ends with the weights of one process accumulating 2 micro-batches:
+    both consume the same global batches of the manifest, and rank gradients average as micro-batches do."""
+    import socket
+    import subprocess
+    import sys
+
+    import imageio.v2 as imageio
+    from safetensors.torch import load_file
+
+    videos, captions = synthetic_pairs()
+    rows = ["path,caption"]
+    for i, (video, caption) in enumerate(zip(videos, captions)):
+        imageio.mimwrite(tmp_path / f"clip{i}.mp4", list(video), fps=8, macro_block_size=1)
+        rows.append(f"clip{i}.mp4,{caption}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    args = ["scripts/train_retriever.py", "--config", TINY_CONFIG, "data.source=manifest",
+            f"data.manifest={tmp_path / 'train.csv'}", "data.frames=9", "data.height=32", "data.width=32",
+            "retriever.sample_size=32", "retriever.eval_size=4", "data.batch_size=2", "train.max_steps=2",
+            "train.mixed_precision=fp32"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for launch, extra, out in [(torchrun, ["distributed.backend=ddp"], "ddp"), ([sys.executable], ["train.grad_accum=2"], "one")]:
+        done = subprocess.run([*launch, *args, *extra, f"output_dir={tmp_path / out}"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ddp = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-2" / "model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "checkpoints" / "step-2" / "model.safetensors"))
+    trained = [name for name in one if not name.startswith("text_encoder.")]
+    for name in trained:
+        torch.testing.assert_close(ddp[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+    initial = RetrieverTask(load_config(TINY_CONFIG, ["retriever.sample_size=32"])).model.state_dict()
+    assert any(not torch.allclose(one[name], initial[name]) for name in trained)  # the runs really trained

@@ -12,7 +12,6 @@ from scipy import ndimage
 from t2v.data import shapes
 from t2v.data.shapes import (
     HELD_OUT,
-    ShapesStream,
     canonical_caption,
     eval_paraphrase,
     paraphrase,
@@ -370,39 +369,50 @@ def test_score_matches_objects_by_colour():
         attribute_accuracy(videos, _records(11, 3))
 
 
-def test_stream_is_deterministic_rank_aware_and_resumable():
+def test_stream_is_deterministic_per_stream_and_resumable():
+    from t2v.data.streams import ShapesBatches
+
     def take(stream, n):
-        items = []
-        for item in stream:
-            items.append(item)
-            if len(items) == n:
-                return items
+        return [next(stream) for _ in range(n)]
 
-    first = take(ShapesStream(seed=1, canonical_prob=0.5), 30)
-    assert [i["record"] for i in first] == [i["record"] for i in take(ShapesStream(seed=1), 30)]
-    other_rank = take(ShapesStream(seed=1, rank=1, world_size=2), 30)
-    assert [i["record"] for i in first] != [i["record"] for i in other_rank]
-    resumed = take(ShapesStream(seed=1, start_index=10), 5)
-    assert [i["caption"] for i in resumed] == [i["caption"] for i in first[10:15]]
-    for item in first + other_rank:
-        assert item["video"].dtype == torch.uint8 and item["video"].shape == (17, 64, 64, 3)
-        assert torch.equal(item["video"], torch.from_numpy(render(item["record"])))
-        assert not _pairs(item["record"]) & HELD_OUT
-    assert {i["caption"] == canonical_caption(i["record"]) for i in first} == {True, False}
-    with pytest.raises(ValueError, match="rank 2"):
-        ShapesStream(rank=2, world_size=2)
+    def batches(stream=0, **kwargs):
+        return ShapesBatches(4, seed=1, stream=stream, canonical_prob=0.5, caption_dropout=0.0, device="cpu", **kwargs)
+
+    first = take(batches(), 4)
+    again = take(batches(), 4)
+    assert all(torch.equal(a["video"], b["video"]) and a["caption"] == b["caption"] for a, b in zip(first, again))
+    other_stream = take(batches(stream=1), 4)
+    assert [b["caption"] for b in first] != [b["caption"] for b in other_stream]
+    stream = batches()
+    take(stream, 2)
+    resumed = batches()
+    resumed.load_state_dict(stream.state_dict())
+    assert [b["caption"] for b in take(resumed, 2)] == [b["caption"] for b in first[2:]]
+
+    # Batch i is `sample_batch` from the stream's generator: the rendered records, in [-1, 1].
+    videos, captions, records = sample_batch(np.random.default_rng([1, 0]), 4, "train", canonical_prob=0.5)
+    assert first[0]["video"].shape == (4, 3, 17, 64, 64) and first[0]["caption"] == captions
+    assert torch.equal(((first[0]["video"] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1), videos)
+    assert first[0]["canonical_caption"] == [canonical_caption(r) for r in records]
+    assert not any(_pairs(r) & HELD_OUT for r in records)
+    matches = [c == k for b in first + other_stream for c, k in zip(b["caption"], b["canonical_caption"])]
+    assert set(matches) == {True, False}  # canonical captions and paraphrases, mixed
 
 
-def test_stream_splits_across_dataloader_workers():
-    loader = torch.utils.data.DataLoader(ShapesStream(seed=2), batch_size=None, num_workers=2)
-    items = []
-    for item in loader:
-        items.append(item)
-        if len(items) == 6:
-            break
-    captions = [item["caption"] for item in items]
-    assert captions[0::2] != captions[1::2]  # workers alternate and draw different samples
-    assert len({json.dumps(item["record"]) for item in items}) == 6
+def test_stream_caption_dropout_and_clip_size():
+    from t2v.config import load_config
+    from t2v.data.streams import ShapesBatches, shapes_stream
+
+    dropped = ShapesBatches(64, seed=0, stream=0, canonical_prob=1.0, caption_dropout=0.5, device="cpu")
+    captions = next(dropped)["caption"]
+    assert 10 < captions.count("") < 54 and all(c == "" or c.startswith("a ") for c in captions)
+    cfg = load_config(None, ["data.source=shapes", "data.frames=9"])  # the typed config no longer knows Shapes World
+    with pytest.raises(ValueError, match=r"renders 17x64x64 clips, but data.frames/height/width = 9/64/64; set "
+                                         r"them to 17/64/64"):
+        shapes_stream(cfg, 0, "cpu")
+    cfg = load_config(None, ["data.source=shapes", "data.batch_size=3", "data.two_object_prob=1.0"])
+    batch = next(shapes_stream(cfg, 0, "cpu"))
+    assert len(batch["caption"]) == 3 and all(" and a " in c for c in batch["canonical_caption"])
 
 
 def test_sample_batch():

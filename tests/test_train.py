@@ -606,6 +606,18 @@ def test_vae_shapes_stream_with_image_batches(tmp_path):
     assert shapes == {(2, 3, 1, 64, 64), (2, 3, 17, 64, 64)}
 
 
+@pytest.mark.parametrize("config", [DEBUG, DEBUG_VAE], ids=["dit", "vae"])
+def test_shapes_source_refuses_other_clip_sizes_before_training(tmp_path, config):
+    """Shapes World renders 17x64x64 clips: a task asking it for 5x32x32 stops as it builds its stream."""
+    from t2v.train.dit_task import train_dit
+    from t2v.train.vae_task import train_vae
+
+    cfg = load_config(config, [f"output_dir={tmp_path}", "data.source=shapes"])  # the config alone accepts it
+    with pytest.raises(ValueError, match=r"renders 17x64x64 clips, but data.frames/height/width = 5/32/32"):
+        (train_dit if config == DEBUG else train_vae)(cfg)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_vae_spatial_gradient_term(tmp_path):
     from t2v.train.vae_task import VAETask
 
@@ -773,6 +785,10 @@ def test_an_all_unreadable_manifest_fails_fast(tmp_path):
         ("train.py", ["--config", "no-such.yaml"], "config file 'no-such.yaml' does not exist"),
         ("train.py", ["--config", DEBUG, "data.manifest=no-such.csv"], "no-such.csv"),
         ("train_vae.py", ["--config", DEBUG_VAE, "train.lr=inf"], "train.lr=inf must be a finite number"),
+        ("train_retriever.py", ["--config", "configs/retriever/tiny.yaml", "retriever.eval_size=0"],
+         "retriever.eval_size=0 must be >= 1"),
+        ("train_retriever.py", ["--config", "configs/retriever/tiny.yaml", "data.frames=9"],
+         "renders 17x64x64 clips, but data.frames/height/width = 9/64/64"),
         ("check_cluster.py", ["--config", DEBUG, "train.lrr=1"], "unknown config key 'train.lrr'"),
         ("check_cluster.py", ["--config", DEBUG, "--timeout-s", "nan"], "must be positive and finite"),
         ("precompute.py", ["--vae", "no-such-vae", "--text-encoder", "tiny-random", "--frames", "5"],

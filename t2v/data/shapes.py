@@ -458,7 +458,7 @@ def caption_for(record: dict, rng: np.random.Generator, canonical_prob: float, w
 
 
 # ----------------------------------------------------------------------------------------------------
-# Streams and batches
+# Batches (the endless, resumable training stream is t2v.data.streams.ShapesBatches)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -472,41 +472,6 @@ def sample_batch(rng: np.random.Generator, batch_size: int, split: str = "train"
     records = [sample_record(rng, split=split, two_object_prob=two_object_prob) for _ in range(batch_size)]
     captions = [caption_for(record, rng, canonical_prob, wordings) for record in records]
     return render_batch(records, device=device), captions, records
-
-
-class ShapesStream(torch.utils.data.IterableDataset):
-    """Infinite deterministic stream of `{"video": uint8 (T, H, W, 3), "caption": str, "record": dict}`.
-
-    Each rank and each DataLoader worker reads its own shard; sample i of shard s is drawn from
-    `np.random.default_rng([seed, s, i])`, so `start_index` resumes a shard exactly.
-    """
-
-    def __init__(self, seed: int = 0, split: str = "train", canonical_prob: float = 0.5, rank: int = 0,
-                 world_size: int = 1, start_index: int = 0, wordings: str = "base"):
-        super().__init__()
-        _check_split(split)
-        _check_wordings(wordings)
-        self.wordings = wordings
-        if not 0.0 <= canonical_prob <= 1.0:
-            raise ValueError(f"canonical_prob {canonical_prob} must be in [0, 1]")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} must be in [0, world_size) with world_size {world_size} >= 1")
-        if start_index < 0:
-            raise ValueError(f"start_index {start_index} must be >= 0")
-        self.seed, self.split, self.canonical_prob = seed, split, canonical_prob
-        self.rank, self.world_size, self.start_index = rank, world_size, start_index
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        shard = self.rank * num_workers + worker
-        index = self.start_index
-        while True:
-            rng = np.random.default_rng([self.seed, shard, index])
-            record = sample_record(rng, split=self.split)
-            caption = caption_for(record, rng, self.canonical_prob, self.wordings)
-            yield {"video": torch.from_numpy(render(record)), "caption": caption, "record": record}
-            index += 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -614,6 +579,6 @@ def make_prompts(seed: int, per_category: int = 64) -> list[dict]:
 
 __all__ = [
     "BACKGROUNDS", "COLOURS", "FPS", "HELD_OUT", "MOTIONS", "NUM_FRAMES", "SHAPES", "SIZE", "SIZES",
-    "ShapesStream", "canonical_caption", "eval_paraphrase", "make_prompts", "paraphrase", "render",
+    "canonical_caption", "eval_paraphrase", "make_prompts", "paraphrase", "render",
     "render_batch", "sample_batch", "sample_record", "shape_mask", "validate_record", "write_dataset",
 ]

@@ -1,4 +1,4 @@
-"""Endless, resumable batch streams for training: manifest clips through buckets, and Shapes World."""
+"""Endless, resumable batch streams for training: manifest clips through buckets, and the one Shapes World stream."""
 
 from __future__ import annotations
 
@@ -54,19 +54,30 @@ class LoaderStream:
         self._iterator = None
 
 
-def manifest_stream(cfg: Config, rows: list[dict], caption_dropout: float, rank: int, world_size: int):
-    """(dataset, LoaderStream) over manifest rows with the configured buckets."""
-    from t2v.data.buckets import BucketBatchSampler, parse_buckets
-    from t2v.data.dataset import VideoTextDataset, collate_skip_none
+def manifest_dataset(cfg: Config, rows: list[dict], caption_dropout: float = 0.0, start: str | None = "random"):
+    """A `VideoTextDataset` over manifest rows with the configured buckets (`data.buckets`, or the one of
+    data.frames/height/width/batch_size)."""
+    from t2v.data.buckets import parse_buckets
+    from t2v.data.dataset import VideoTextDataset
 
     data = cfg.data
     buckets = parse_buckets(
         [vars(b) for b in data.buckets]
         or [{"frames": data.frames, "height": data.height, "width": data.width, "batch_size": data.batch_size}]
     )
-    dataset = VideoTextDataset(rows, buckets, fps=data.fps, caption_dropout=caption_dropout, seed=cfg.train.seed)
-    sampler = BucketBatchSampler(dataset.bucket_ids, buckets, seed=cfg.train.seed, rank=rank, world_size=world_size)
-    return dataset, LoaderStream(dataset, sampler, collate_skip_none, data.num_workers, cfg.train.seed)
+    return VideoTextDataset(rows, buckets, fps=data.fps, caption_dropout=caption_dropout, seed=cfg.train.seed,
+                            start=start)
+
+
+def manifest_stream(cfg: Config, rows: list[dict], caption_dropout: float, rank: int, world_size: int):
+    """(dataset, LoaderStream) over manifest rows with the configured buckets."""
+    from t2v.data.buckets import BucketBatchSampler
+    from t2v.data.dataset import collate_skip_none
+
+    dataset = manifest_dataset(cfg, rows, caption_dropout)
+    sampler = BucketBatchSampler(dataset.bucket_ids, dataset.buckets, seed=cfg.train.seed, rank=rank,
+                                 world_size=world_size)
+    return dataset, LoaderStream(dataset, sampler, collate_skip_none, cfg.data.num_workers, cfg.train.seed)
 
 
 def next_readable(stream: LoaderStream, dataset, manifest: str = "") -> dict:
@@ -87,11 +98,18 @@ def next_readable(stream: LoaderStream, dataset, manifest: str = "") -> dict:
                              f"readable (by cause: {dict(unreadable)}); check the paths and files it lists")
 
 
-class ShapesBatches:
-    """In-memory Shapes World batches {"video": (B, 3, T, H, W) in [-1, 1], "caption": [str]}, resumable.
+# Shapes World stream numbers: training streams are the data-parallel ranks, these lie far above them.
+HELD_OUT_STREAM = 2**20  # held-out clips for validation
+STATS_STREAM = 2**20 + 1  # clips measured once (a VAE's latent statistics)
 
-    One numpy generator per stream (use the rank for training) draws everything: records, wording,
-    caption dropout; its state is the stream position.
+
+class ShapesBatches:
+    """In-memory Shapes World batches, resumable:
+    {"video": (B, 3, T, H, W) in [-1, 1], "caption": [str], "canonical_caption": [str]}.
+
+    The canonical caption names the content (paraphrases of one clip share it). One numpy generator per stream
+    (use the rank for training) draws everything: records, wording, caption dropout; its state is the stream
+    position.
     """
 
     def __init__(self, batch_size: int, seed: int, stream: int, canonical_prob: float, caption_dropout: float,
@@ -103,17 +121,32 @@ class ShapesBatches:
     def __next__(self) -> dict:
         from einops import rearrange
 
-        from t2v.data.shapes import sample_batch
+        from t2v.data.shapes import canonical_caption, sample_batch
 
-        videos, captions, _ = sample_batch(self.rng, self.batch_size, self.split, self.canonical_prob, self.device,
-                                          wordings=self.wordings, two_object_prob=self.two_object_prob)
+        videos, captions, records = sample_batch(self.rng, self.batch_size, self.split, self.canonical_prob,
+                                                 self.device, wordings=self.wordings,
+                                                 two_object_prob=self.two_object_prob)
         dropped = self.rng.random(len(captions)) < self.caption_dropout
         captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
         video = rearrange(videos, "b t h w c -> b c t h w").float() / 127.5 - 1.0  # (B, 3, T, H, W)
-        return {"video": video, "caption": captions}
+        return {"video": video, "caption": captions, "canonical_caption": [canonical_caption(r) for r in records]}
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+def shapes_stream(cfg: Config, stream: int, device, caption_dropout: float = 0.0) -> ShapesBatches:
+    """The Shapes World stream `stream` of `cfg.data` (batch size, caption mix); refuses clip sizes it cannot render."""
+    from t2v.data.shapes import NUM_FRAMES, SIZE
+
+    data = cfg.data
+    if (data.frames, data.height, data.width) != (NUM_FRAMES, SIZE, SIZE):
+        raise ValueError(
+            f"data.source='shapes' renders {NUM_FRAMES}x{SIZE}x{SIZE} clips, but data.frames/height/width = "
+            f"{data.frames}/{data.height}/{data.width}; set them to {NUM_FRAMES}/{SIZE}/{SIZE}"
+        )
+    return ShapesBatches(data.batch_size, cfg.train.seed, stream, data.canonical_prob, caption_dropout, device,
+                         wordings=data.wordings, two_object_prob=data.two_object_prob)

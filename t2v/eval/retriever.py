@@ -254,6 +254,8 @@ class VideoTextRetriever(nn.Module):
     features are cached per string.
     """
 
+    _supports_gradient_checkpointing = True  # the video encoder's
+
     def __init__(
         self,
         video_encoder: VideoEncoder,
@@ -301,6 +303,10 @@ class VideoTextRetriever(nn.Module):
         super().train(mode)
         self.text_encoder.train(mode and self.text_trainable_layers > 0)
         return self
+
+    def enable_gradient_checkpointing(self):
+        """Recompute the video encoder's blocks in backward (`model.gradient_checkpointing` in training)."""
+        self.video_encoder.enable_gradient_checkpointing()
 
     def clamp_logit_scale(self):
         """Keep the inverse temperature in [1, 100] (call after each optimiser step)."""

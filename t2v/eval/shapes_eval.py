@@ -1,6 +1,5 @@
-"""Shapes World read-back of a pipeline's generations, in memory: no video files, no codec, no scorer.
-
-Used by `scripts/quick_eval_shapes.py` and by DiT training validation (`train.validation_shapes`).
+"""Shapes World as an evaluation, in memory (no video files, no codec): the read-back of a pipeline's
+generations (DiT validation, `train.validation_shapes`) and held-out retrieval pairs (retriever validation).
 """
 
 from __future__ import annotations
@@ -8,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from t2v.data.shapes import canonical_caption, eval_paraphrase, make_prompts, render_batch, sample_record
 from t2v.eval.shapes_readback import attribute_accuracy
 
 
@@ -51,4 +51,31 @@ def readback_by_category(videos: list[np.ndarray], rows: list[dict], shape_metho
     return scores
 
 
-__all__ = ["generate_frames", "readback_by_category"]
+def readback_metrics(pipe, per_category: int) -> dict[str, float]:
+    """{"{category}/{attribute}": rate} of `pipe`'s generations of the evaluation prompts `make_prompts(0,
+    per_category)`, prompt i with seed i."""
+    rows = make_prompts(0, per_category)
+    videos = generate_frames(pipe, [row["prompt"] for row in rows], list(range(len(rows))))
+    return {f"{category}/{attribute}": rate
+            for category, rates in readback_by_category(videos, rows).items() for attribute, rate in rates.items()}
+
+
+def retrieval_pairs(size: int, seed: int, canonical: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """`size` held-out pairs (uint8 videos (N, T, H, W, 3), captions) whose canonical captions are all distinct.
+
+    Drawn from a seed stream apart from training's; with `canonical=False` each caption is an evaluation
+    paraphrase (wordings the training templates do not produce).
+    """
+    rng = np.random.default_rng([seed, 2**31 - 1])
+    records, seen = [], set()
+    while len(records) < size:
+        record = sample_record(rng, split="train")
+        key = canonical_caption(record)
+        if key not in seen:
+            seen.add(key)
+            records.append(record)
+    captions = [canonical_caption(r) if canonical else eval_paraphrase(r, rng) for r in records]
+    return render_batch(records), captions
+
+
+__all__ = ["generate_frames", "readback_by_category", "readback_metrics", "retrieval_pairs"]

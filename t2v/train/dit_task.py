@@ -18,7 +18,7 @@ from torch import nn
 
 from t2v.config import Config
 from t2v.data.manifest import load_manifest
-from t2v.data.streams import LoaderStream, ShapesBatches, manifest_stream, next_readable
+from t2v.data.streams import LoaderStream, manifest_stream, next_readable, shapes_stream
 from t2v.flow import dynamic_shift, flow_matching_loss
 from t2v.models.loading import build_model, load_vae
 from t2v.models.text_encoder import TextEmbedder, TextEmbeddings
@@ -91,9 +91,7 @@ class DiTTask:
             self.empty = {k: v.to(self.device) for k, v in self.dataset.cache.empty_caption().items()}
         else:
             self.dataset = None
-            self.stream = ShapesBatches(data.batch_size, seed, rank, data.canonical_prob,
-                                                data.caption_dropout, self.device, wordings=data.wordings,
-                                                two_object_prob=data.two_object_prob)
+            self.stream = shapes_stream(cfg, rank, self.device, data.caption_dropout)
 
     def _cache_stream(self, rank: int, world_size: int):
         from t2v.data.buckets import Bucket, BucketBatchSampler
@@ -186,7 +184,12 @@ class DiTTask:
             return {}
         pipe = build_pipeline(self.cfg, model, self.vae, self.text)
         pipe.set_progress_bar_config(disable=True)
-        metrics = self._shapes_readback(pipe) if self.cfg.train.validation_shapes else {}
+        metrics = {}
+        if self.cfg.train.validation_shapes:  # template read-back per category of the Shapes World prompts
+            from t2v.eval.shapes_eval import readback_metrics
+
+            rates = readback_metrics(pipe, self.cfg.train.validation_shapes)
+            metrics.update({f"val/shapes/{key}": rate for key, rate in rates.items()})
         if not prompts:
             return metrics
         out_dir = os.path.join(self.cfg.output_dir, "samples", f"step-{step}")
@@ -197,17 +200,6 @@ class DiTTask:
         if self.cfg.train.validation_scorer:
             metrics.update(self._retrieval_metrics(prompts, [os.path.join(out_dir, r["path"]) for r in rows]))
         return metrics
-
-    def _shapes_readback(self, pipe) -> dict[str, float]:
-        """Template read-back rates per category of the Shapes World evaluation prompts, generated in memory."""
-        from t2v.data.shapes import make_prompts
-        from t2v.eval.shapes_eval import generate_frames, readback_by_category
-
-        rows = make_prompts(0, self.cfg.train.validation_shapes)
-        videos = generate_frames(pipe, [row["prompt"] for row in rows], list(range(len(rows))))
-        scores = readback_by_category(videos, rows)
-        return {f"val/shapes/{category}/{attribute}": rate
-                for category, rates in scores.items() for attribute, rate in rates.items()}
 
     def _retrieval_metrics(self, prompts: list[str], paths: list[str]) -> dict[str, float]:
         """Score the written validation videos against their prompts (R@K, MedR, MnR both ways)."""

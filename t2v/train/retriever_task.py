@@ -1,128 +1,42 @@
-"""Training of the video-text retriever: typed config, batch sources, loop, held-out evaluation.
+"""The retriever task: the video-text dual encoder of `t2v.eval.retriever`, trained with a symmetric InfoNCE
+loss by the shared loop (checkpoints, exact resume, DDP, EMA, metrics.jsonl).
 
-    cfg = load_retriever_config("configs/retriever/shapes.yaml", ["train.max_steps=100"])
-    train_retriever(cfg)  # writes output_dir/{config.yaml, metrics.jsonl, model/}
+    python scripts/train_retriever.py --config configs/retriever/shapes.yaml train.max_steps=100
+    # writes output_dir/{config.yaml, metrics.jsonl, checkpoints/, model/}
 
-Sources: `shapes` draws Shapes World batches in memory (captions mix canonical ones and paraphrases;
-captions of the same content are positives for each other); `manifest` reads a CSV/JSONL of
-(path, caption) rows, images being 1-frame videos.
+Data sources (`data.source`):
+    shapes    in-memory Shapes World batches (captions mix canonical ones and paraphrases); validation on
+              held-out pairs with canonical captions and with evaluation paraphrases
+    manifest  (path, caption) rows through the shape buckets, images being 1-frame videos (they need a 1-frame
+              bucket); validation on `data.eval_manifest` when it is set
+
+Captions of the same content are positives for each other, never negatives: equal canonical captions (Shapes
+World's, or a manifest's `canonical_caption` column), else equal captions.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import dataclasses
 import os
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from einops import rearrange
+from torch import nn
 
+from t2v.config import Config, RetrieverConfig, TrainConfig
+from t2v.data.manifest import load_manifest
+from t2v.data.streams import manifest_dataset, manifest_stream, next_readable, shapes_stream
 from t2v.eval.retrieval import retrieval_metrics, same_prompt_matches
 from t2v.eval.retriever import VideoEncoder, VideoTextRetriever, contrastive_loss
+from t2v.parallel.distributed import data_parallel_info
+from t2v.runtime import pick_device, seed_everything
+from t2v.train import trainer
 
-SOURCES = ("shapes", "manifest")
-MIXED_PRECISION = ("bf16", "fp32")
-
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
+ADAMW_EPS = 1e-6  # CLIP's
 
 
-@dataclass
-class RetrieverModelConfig:
-    # VideoEncoder constructor arguments
-    sample_size: int = 64
-    patch_size: int = 8
-    max_frames: int = 9
-    hidden_size: int = 192
-    num_layers: int = 4
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    embed_dim: int = 256
-    # text side: "minilm" (offline package), a local path or a hub id
-    text_encoder: str = "minilm"
-    text_head_hidden: int = 512
-    text_trainable_layers: int = 0  # last layers of the text encoder to fine-tune; 0 = frozen
-    max_text_length: int = 64
-    gradient_checkpointing: bool = False
-
-
-@dataclass
-class RetrieverDataConfig:
-    source: str = "shapes"  # shapes | manifest
-    manifest: str = ""  # CSV/JSONL with path, caption columns (source=manifest)
-    eval_manifest: str = ""  # held-out manifest for evaluation (source=manifest); "" = none
-    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> manifest column
-    frames: int = 17  # frames decoded per video clip (the encoder subsamples to max_frames)
-    fps: float = 8.0
-    num_workers: int = 0
-    canonical_prob: float = 0.5  # Shapes World: share of canonical captions, the rest paraphrased
-
-    def __post_init__(self):
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source={self.source!r} is not one of {list(SOURCES)}")
-        if self.source == "manifest" and not self.manifest:
-            raise ValueError("data.manifest is empty but data.source='manifest'; give the manifest path")
-        if not 0.0 <= self.canonical_prob <= 1.0:
-            raise ValueError(f"data.canonical_prob={self.canonical_prob} must be in [0, 1]")
-        if self.frames < 1 or self.fps <= 0 or self.num_workers < 0:
-            raise ValueError(
-                f"data.frames={self.frames} must be >= 1, data.fps={self.fps} > 0, "
-                f"data.num_workers={self.num_workers} >= 0"
-            )
-
-
-@dataclass
-class RetrieverOptimConfig:
-    batch_size: int = 256
-    max_steps: int = 2000
-    max_minutes: float = 0.0  # wall-clock budget (the cosine schedule ends with it); 0 = none
-    seed: int = 0
-    lr: float = 5e-4
-    text_lr: float = 2e-5  # for fine-tuned text-encoder layers
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
-    grad_clip: float = 1.0  # 0 = no clipping
-    mixed_precision: str = "bf16"  # bf16 | fp32
-    log_every: int = 10
-    eval_every: int = 0  # 0 = only at the end
-    eval_size: int = 100  # held-out pairs with distinct captions
-
-    def __post_init__(self):
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is not one of {list(MIXED_PRECISION)}")
-        for name in ("batch_size", "max_steps", "log_every", "eval_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
-        if self.batch_size < 2:
-            raise ValueError(f"train.batch_size={self.batch_size} must be >= 2 for in-batch negatives")
-        for name in ("max_minutes", "warmup_steps", "eval_every", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
-
-
-@dataclass
-class RetrieverConfig:
-    output_dir: str = "runs/retriever"
-    device: str = "cpu"
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    model: RetrieverModelConfig = field(default_factory=RetrieverModelConfig)
-    data: RetrieverDataConfig = field(default_factory=RetrieverDataConfig)
-    train: RetrieverOptimConfig = field(default_factory=RetrieverOptimConfig)
-
-
-def load_retriever_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RetrieverConfig:
-    """Defaults <- YAML <- `key=value` overrides, in OmegaConf struct mode (unknown keys are errors)."""
-    from t2v.config import load_structured
-
-    return load_structured(RetrieverConfig, path, overrides)
-
-
-def build_retriever(cfg: RetrieverModelConfig) -> VideoTextRetriever:
+def build_retriever(cfg: RetrieverConfig) -> VideoTextRetriever:
     encoder = VideoEncoder(
         sample_size=cfg.sample_size,
         patch_size=cfg.patch_size,
@@ -133,8 +47,6 @@ def build_retriever(cfg: RetrieverModelConfig) -> VideoTextRetriever:
         mlp_ratio=cfg.mlp_ratio,
         embed_dim=cfg.embed_dim,
     )
-    if cfg.gradient_checkpointing:
-        encoder.enable_gradient_checkpointing()
     return VideoTextRetriever(
         encoder,
         text_encoder=cfg.text_encoder,
@@ -144,117 +56,37 @@ def build_retriever(cfg: RetrieverModelConfig) -> VideoTextRetriever:
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Batch sources: (videos, captions, keys); equal keys mark captions of the same content
-# ----------------------------------------------------------------------------------------------
+def trainable_prefixes(model: VideoTextRetriever) -> list[str]:
+    """Parameter-name prefixes of what the retriever trains: the video encoder, the text head, the temperature,
+    and the sentence encoder's last `text_trainable_layers` layers."""
+    num_layers = len(model.text_encoder.encoder.layer)
+    text = [f"text_encoder.encoder.layer.{i}." for i in range(num_layers - model.text_trainable_layers, num_layers)]
+    return ["video_encoder.", "text_head.", "logit_scale", *text]
 
 
-def shapes_batches(batch_size: int, seed: int, canonical_prob: float, device: str) -> Iterator[tuple]:
-    """Endless Shapes World training batches; batch i is drawn from `default_rng([seed, i])`."""
-    from t2v.data.shapes import canonical_caption, sample_batch
-
-    step = 0
-    while True:
-        rng = np.random.default_rng([seed, step])
-        videos, captions, records = sample_batch(rng, batch_size, "train", canonical_prob, device)
-        yield videos, captions, [canonical_caption(r) for r in records]  # (B, T, H, W, 3) uint8
-        step += 1
-
-
-def shapes_eval_set(size: int, seed: int, canonical: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """`size` held-out Shapes World pairs whose canonical captions are all distinct.
-
-    Drawn from a seed stream apart from training's; with `canonical=False` each caption is an
-    evaluation paraphrase (wordings the training templates do not produce).
-    """
-    from t2v.data.shapes import canonical_caption, eval_paraphrase, render_batch, sample_record
-
-    rng = np.random.default_rng([seed, 2**31 - 1])
-    records, seen = [], set()
-    while len(records) < size:
-        record = sample_record(rng, split="train")
-        key = canonical_caption(record)
-        if key not in seen:
-            seen.add(key)
-            records.append(record)
-    captions = [canonical_caption(r) if canonical else eval_paraphrase(r, rng) for r in records]
-    return render_batch(records), captions
+def param_groups(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig, text_lr: float) -> list[dict]:
+    """AdamW groups: matrices decay; norms, biases, position embeddings, the CLS token and the logit scale do not;
+    fine-tuned sentence-encoder layers train at `text_lr`."""
+    decay, no_decay, text = [], [], []
+    for name, param in params:
+        if name.startswith("text_encoder."):
+            text.append(param)
+        elif param.ndim >= 2 and "pos_" not in name and "cls_token" not in name:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "eps": ADAMW_EPS},
+        {"params": no_decay, "weight_decay": 0.0, "eps": ADAMW_EPS},
+    ]
+    if text:
+        groups.append({"params": text, "weight_decay": cfg.weight_decay, "lr": text_lr, "eps": ADAMW_EPS})
+    return groups
 
 
-class _ManifestClips(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict], frames: int, fps: float, size: int, seed: int, random_start: bool):
-        self.rows, self.frames, self.fps, self.size = rows, frames, fps, size
-        self.seed, self.random_start = seed, random_start
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        from t2v.data.video import BadSample, read_clip
-
-        row = self.rows[index]
-        rng = np.random.default_rng([self.seed, index])
-        try:
-            clip = read_clip(
-                row["path"], 1 if row["is_image"] else self.frames, self.fps,
-                height=self.size, width=self.size, start="random" if self.random_start else None, rng=rng,
-            )
-        except BadSample:
-            return None  # unreadable or too short: dropped from its batch
-        # What makes two rows the same content: a Shapes World data set's canonical caption, else the caption.
-        return clip, row["caption"], row.get("canonical_caption") or row["caption"]
-
-
-def _collate_clips(items):
-    items = [item for item in items if item is not None]
-    return [item[0] for item in items], [item[1] for item in items], [item[2] for item in items]
-
-
-def manifest_batches(cfg: RetrieverConfig) -> Iterator[tuple]:
-    """Endless shuffled manifest batches of uint8 clips (a list: images and videos differ in length)."""
-    from t2v.data.manifest import load_manifest
-
-    rows = load_manifest(cfg.data.manifest, columns=cfg.data.columns)
-    if len(rows) < cfg.train.batch_size:
-        raise ValueError(f"manifest {cfg.data.manifest!r} has {len(rows)} rows, fewer than batch_size {cfg.train.batch_size}")
-    data = _ManifestClips(rows, cfg.data.frames, cfg.data.fps, cfg.model.sample_size, cfg.train.seed, True)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, generator=generator,
-        num_workers=cfg.data.num_workers, collate_fn=_collate_clips,
-    )
-    while True:
-        yield from loader  # (clips, captions, keys): equal keys are not contrastive negatives of each other
-
-
-def manifest_eval_set(cfg: RetrieverConfig) -> tuple[list[np.ndarray], list[str]]:
-    """The first `eval_size` readable rows of `data.eval_manifest`."""
-    from t2v.data.manifest import load_manifest
-
-    rows = load_manifest(cfg.data.eval_manifest, columns=cfg.data.columns)
-    data = _ManifestClips(rows, cfg.data.frames, cfg.data.fps, cfg.model.sample_size, cfg.train.seed, False)
-    items = [item for item in (data[i] for i in range(len(rows))) if item is not None][: cfg.train.eval_size]
-    return [item[0] for item in items], [item[1] for item in items]
-
-
-# ----------------------------------------------------------------------------------------------
-# Steps
-# ----------------------------------------------------------------------------------------------
-
-
-def embed_videos(model: VideoTextRetriever, videos) -> torch.Tensor:
-    """A uint8 `(B, T, H, W, 3)` batch, or a list of clips of mixed shapes -> normalised `(B, D)`."""
-    if not isinstance(videos, list):
-        return model.embed_pixels(model.preprocess(videos))
-    out = [None] * len(videos)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, clip in enumerate(videos):
-        by_shape.setdefault(tuple(clip.shape), []).append(i)
-    for indices in by_shape.values():
-        embeddings = model.embed_pixels(model.preprocess(np.stack([videos[i] for i in indices])))
-        for i, embedding in zip(indices, embeddings):
-            out[i] = embedding
-    return torch.stack(out)
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3), exact for pixels that came from uint8."""
+    return rearrange(((video + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8), "b c t h w -> b t h w c")
 
 
 def group_ids(keys: list[str], device) -> torch.Tensor:
@@ -269,135 +101,132 @@ def in_batch_accuracy(text_emb: torch.Tensor, video_emb: torch.Tensor, groups: t
     return (groups[best] == groups).float().mean().item()
 
 
-def lr_factor(step: int, warmup_steps: int, progress: float) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay to 0 as `progress` (0..1) runs out."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+class RetrieverTask:
+    """Model, data and loss of retriever training; `trainer.train(task.cfg, task)` runs it.
 
+    `task.cfg` is the given config with `model.trainable` resolved to the retriever's trainable parameters
+    (`trainable_prefixes`), which the loop reads.
+    """
 
-def make_optimizer(model: VideoTextRetriever, cfg: RetrieverOptimConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, norms, biases, embeddings and the logit scale do not."""
-    decay, no_decay, text = [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.startswith("text_encoder."):
-            text.append(param)
-        elif param.ndim >= 2 and "pos_" not in name and "cls_token" not in name:
-            decay.append(param)
+    def __init__(self, cfg: Config):
+        data = cfg.data
+        if data.source not in ("shapes", "manifest"):
+            raise ValueError(f"data.source={data.source!r}: the retriever trains on pixels, use 'manifest' or 'shapes'")
+        if cfg.model.trainable or cfg.model.lora_rank:
+            raise ValueError(f"model.trainable={list(cfg.model.trainable)}, model.lora_rank={cfg.model.lora_rank}: the "
+                             "retriever trains its video encoder, text head and temperature, and "
+                             "retriever.text_trainable_layers sentence-encoder layers; leave both unset")
+        if cfg.distributed.sequence_parallel_size > 1:
+            raise ValueError(f"distributed.sequence_parallel_size={cfg.distributed.sequence_parallel_size}: the "
+                             "retriever's clips are short, it trains data-parallel only; set it to 1")
+        batch_sizes = [bucket.batch_size for bucket in data.buckets] or [data.batch_size]
+        if min(batch_sizes) < 2:
+            raise ValueError(f"batch sizes {batch_sizes} must be >= 2: the other pairs of a batch are the negatives")
+        self.device = pick_device()
+        rank, world_size = data_parallel_info()
+        if cfg.distributed.backend == "ddp" and world_size > 1 and any(b.frames == 1 for b in data.buckets or [data]):
+            raise ValueError("a 1-frame bucket (images) leaves the temporal attention without gradients, which DDP "
+                             "refuses; train on images with one process, or drop the 1-frame bucket")
+        seed_everything(cfg.train.seed)
+
+        # 1. the model, and what of it trains
+        self.model: VideoTextRetriever = build_retriever(cfg.retriever).to(self.device)
+        self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                      trainable=trainable_prefixes(self.model)))
+        self.trained = {name for name, p in self.model.named_parameters() if p.requires_grad}
+
+        # 2. data (caption dropout would only add empty captions) and the held-out pairs of validation
+        if data.source == "manifest":
+            if not data.manifest:
+                raise ValueError("data.source='manifest' needs data.manifest=PATH (a CSV/JSONL with path, caption)")
+            rows = load_manifest(data.manifest, columns=dict(data.columns))
+            self.dataset, self.stream = manifest_stream(cfg, rows, 0.0, rank, world_size)
+            self.eval_sets = {"manifest": self._manifest_pairs()} if data.eval_manifest else {}
         else:
-            no_decay.append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
-        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
-    ]
-    if text:
-        groups.append({"params": text, "weight_decay": cfg.weight_decay, "lr": cfg.text_lr})
-    for group in groups:
-        group["base_lr"] = group["lr"]
-    return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+            from t2v.eval.shapes_eval import retrieval_pairs
 
+            self.dataset = None
+            self.stream = shapes_stream(cfg, rank, self.device)
+            size = cfg.retriever.eval_size
+            self.eval_sets = {"canonical": retrieval_pairs(size, cfg.train.seed, canonical=True),
+                              "paraphrase": retrieval_pairs(size, cfg.train.seed, canonical=False)}
 
-@torch.no_grad()
-def evaluate(model: VideoTextRetriever, videos, captions: list[str]) -> dict[str, float]:
-    """Retrieval metrics of `captions` against `videos` (pair i matches i, and every video of an equal caption)."""
-    was_training = model.training
-    model.eval()
-    clips = [np.asarray(v.cpu()) if isinstance(v, torch.Tensor) else v for v in videos]
-    sim = model.similarity(captions, clips)
-    model.train(was_training)
-    return retrieval_metrics(sim, same_prompt_matches(captions))
+    def _manifest_pairs(self) -> tuple[list[np.ndarray], list[str]]:
+        """The first `retriever.eval_size` readable rows of `data.eval_manifest`, clips from their beginning."""
+        data = self.cfg.data
+        dataset = manifest_dataset(self.cfg, load_manifest(data.eval_manifest, columns=dict(data.columns)),
+                                   start=None)
+        clips, captions = [], []
+        for index, bucket in enumerate(dataset.bucket_ids):
+            item = dataset[index] if bucket is not None else None
+            if isinstance(item, dict):  # else unreadable, or no bucket fits it
+                clips.append(to_uint8(item["video"][None])[0].numpy())  # (T, H, W, 3)
+                captions.append(item["caption"])
+            if len(clips) == self.cfg.retriever.eval_size:
+                break
+        if not clips:
+            raise ValueError(f"data.eval_manifest={data.eval_manifest!r} has no readable row that fits a bucket")
+        return clips, captions
 
+    # ------------------------------------------------------------------ batches and loss
+    def next_batch(self) -> dict:
+        if self.dataset is not None:
+            batch = next_readable(self.stream, self.dataset, self.cfg.data.manifest)
+            rows = [self.dataset.rows[i] for i in batch["index"].tolist()]
+            return {**batch, "canonical_caption": [row.get("canonical_caption") or row["caption"] for row in rows]}
+        return next(self.stream)
 
-def train_retriever(cfg: RetrieverConfig) -> dict[str, float]:
-    """Train, evaluate, and save to `output_dir/model`; returns the final evaluation metrics."""
-    torch.manual_seed(cfg.train.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.output_dir, "config.yaml"))  # resolved config
-    log_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> trainer.StepOutput:
+        retriever = self.model  # `model` may be its DDP wrapper: the forward goes through it
+        with torch.autocast(self.device.type, enabled=False):  # fp32 sentence features, as cached and as scored
+            features = retriever.sentence_features(batch["caption"])  # (B, text_dim)
+        pixels = retriever.preprocess(to_uint8(batch["video"]))  # (B, 3, T', S, S), T' <= max_frames
+        text_emb, video_emb = model(pixels, features)  # (B, D) each, L2-normalised
+        groups = group_ids(batch["canonical_caption"], self.device)
+        loss = contrastive_loss(text_emb, video_emb, retriever.logit_scale, groups)
+        batch_size, _, frames, height, width = pixels.shape
+        patch = retriever.video_encoder.config.patch_size
+        return trainer.StepOutput(
+            loss=loss,
+            samples=batch_size,
+            tokens=batch_size * frames * (height // patch) * (width // patch),
+            metrics={"batch_t2v_acc": in_batch_accuracy(text_emb.detach(), video_emb.detach(), groups),
+                     "logit_scale": retriever.logit_scale.exp().item()},
+        )
 
-    # 1. model, optimiser, autocast dtype (chosen once)
-    model = build_retriever(cfg.model).to(device).train()
-    optimizer = make_optimizer(model, cfg.train)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
+    # ------------------------------------------------------------------ optimiser hooks
+    def param_groups(self, params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:
+        names = {name for name, _ in params}
+        if names != self.trained:
+            raise ValueError(f"the loop trains {len(names)} retriever parameters, not the retriever's own "
+                             f"{len(self.trained)}; run it as trainer.train(task.cfg, task)")
+        return param_groups(params, cfg, self.cfg.retriever.text_lr)
 
-    # 2. data
-    if cfg.data.source == "shapes":
-        batches = shapes_batches(cfg.train.batch_size, cfg.train.seed, cfg.data.canonical_prob, str(device))
-        eval_sets = {
-            "canonical": shapes_eval_set(cfg.train.eval_size, cfg.train.seed, canonical=True),
-            "paraphrase": shapes_eval_set(cfg.train.eval_size, cfg.train.seed, canonical=False),
-        }
-    else:
-        batches = manifest_batches(cfg)
-        eval_sets = {"eval": manifest_eval_set(cfg)} if cfg.data.eval_manifest else {}
-
-    def run_eval(step: int) -> dict[str, float]:
-        metrics = {}
-        for name, (videos, captions) in eval_sets.items():
-            for key, value in evaluate(model, videos, captions).items():
-                metrics[f"{name}/{key}"] = value
-        if metrics:
-            record = {"step": step, **metrics}
-            print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        return metrics
-
-    # 3. loop
-    start = last_log = time.time()
-    metrics: dict[str, float] = {}
-    step = 0
-    for step in range(cfg.train.max_steps):
-        # progress: the share of the step budget or of the time budget spent, whichever is larger
-        progress = step / cfg.train.max_steps
-        if cfg.train.max_minutes:
-            progress = max(progress, (time.time() - start) / (60 * cfg.train.max_minutes))
-        factor = lr_factor(step, cfg.train.warmup_steps, progress)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-
-        videos, captions, keys = next(batches)
-        groups = group_ids(keys, device)
-        features = model.sentence_features(captions)  # (B, text_dim), cached per string when frozen
-        with torch.autocast(**autocast):
-            text_emb = model.embed_text_features(features)
-            video_emb = embed_videos(model, videos)
-            loss = contrastive_loss(text_emb, video_emb, model.logit_scale, groups)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
-        optimizer.step()
+    def after_update(self, model: VideoTextRetriever) -> None:
         model.clamp_logit_scale()
 
-        if (step + 1) % cfg.train.log_every == 0 or step == 0:
-            now = time.time()
-            steps_done = cfg.train.log_every if step > 0 else 1
-            record = {
-                "step": step + 1,
-                "loss": loss.item(),
-                "batch_t2v_acc": in_batch_accuracy(text_emb.detach(), video_emb.detach(), groups),
-                "logit_scale": model.logit_scale.exp().item(),
-                "lr": cfg.train.lr * factor,
-                "steps_per_s": steps_done / max(now - last_log, 1e-9),
-                "elapsed_s": now - start,
-            }
-            last_log = now
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
-            run_eval(step + 1)
-        if cfg.train.max_minutes and time.time() - start > 60 * cfg.train.max_minutes:
-            print(f"time budget of {cfg.train.max_minutes} min reached after {step + 1} steps", flush=True)
-            break
+    # ------------------------------------------------------------------ state, validation, export
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
 
-    # 4. final evaluation and save
-    metrics = run_eval(step + 1)
-    model.eval().save_pretrained(os.path.join(cfg.output_dir, "model"))
-    return metrics
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def validate(self, model: VideoTextRetriever, step: int) -> dict[str, float]:
+        """R@K, MedR and MnR both ways on the held-out pairs; a caption matches every video of an equal caption."""
+        metrics = {}
+        with torch.autocast(self.device.type, enabled=False):  # in fp32, as the exported model is scored
+            for name, (videos, captions) in self.eval_sets.items():
+                sim = model.similarity(captions, list(videos))
+                for key, value in retrieval_metrics(sim, same_prompt_matches(captions)).items():
+                    metrics[f"val/{name}/{key}"] = float(value)
+        return metrics
+
+    def export(self, model: VideoTextRetriever) -> None:
+        model.save_pretrained(os.path.join(self.cfg.output_dir, "model"))
+
+
+def train_retriever(cfg: Config) -> trainer.TrainState:
+    """Build the retriever task from `cfg` and train it."""
+    task = RetrieverTask(cfg)
+    return trainer.train(task.cfg, task)

@@ -20,17 +20,13 @@ from torch import nn
 
 from t2v.config import Config
 from t2v.data.manifest import load_manifest
-from t2v.data.streams import ShapesBatches, manifest_stream, next_readable
+from t2v.data.streams import HELD_OUT_STREAM, STATS_STREAM, manifest_stream, next_readable, shapes_stream
 from t2v.eval.pixel_metrics import psnr, video_ssim
 from t2v.models.loading import load_vae
 from t2v.parallel.distributed import data_parallel_info
 from t2v.runtime import pick_device, seed_everything
 from t2v.train import trainer
 from t2v.train.export import save_atomically
-
-HELD_OUT_STREAM = 2**20  # Shapes World stream of the held-out clips (training streams are the ranks)
-STATS_STREAM = 2**20 + 1  # stream of the clips whose latents set the normalisation
-
 
 # ----------------------------------------------------------------------------------------------------
 # Losses
@@ -100,8 +96,8 @@ class VAETask:
                                  for _ in range(cfg.vae_loss.eval_batches)]
         elif data.source == "shapes":
             self.dataset = None
-            self.stream = ShapesBatches(data.batch_size, seed, rank, data.canonical_prob, 0.0, self.device)
-            held = ShapesBatches(data.batch_size, seed, HELD_OUT_STREAM, data.canonical_prob, 0.0, self.device)
+            self.stream = shapes_stream(cfg, rank, self.device)
+            held = shapes_stream(cfg, HELD_OUT_STREAM, self.device)
             self.eval_batches = [next(held)["video"] for _ in range(cfg.vae_loss.eval_batches)]
         else:
             raise ValueError(f"data.source={data.source!r}: the VAE trains on pixels, use 'manifest' or 'shapes'")
@@ -192,8 +188,7 @@ class VAETask:
             batches = (next_readable(stream, self.dataset, data.manifest)["video"]
                        for _ in range(self.cfg.vae_loss.stats_batches))
         else:
-            stream = ShapesBatches(data.batch_size, self.cfg.train.seed, STATS_STREAM, data.canonical_prob,
-                                           0.0, self.device)
+            stream = shapes_stream(self.cfg, STATS_STREAM, self.device)
             batches = (next(stream)["video"] for _ in range(self.cfg.vae_loss.stats_batches))
         generator = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
         latents = [model.encode(v.to(self.device)).latent_dist.sample(generator).float() for v in batches]

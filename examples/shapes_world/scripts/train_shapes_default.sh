@@ -66,7 +66,7 @@ fi
 if [ "${RETRIEVER:-1}" = "1" ] && [ ! -f "$RUN/retriever/model/retriever.json" ]; then
   echo "[shapes] 7/8 retriever"
   python scripts/train_retriever.py --config configs/retriever/shapes.yaml output_dir="$RUN/retriever" \
-    device="$DEVICE" ${RETRIEVER_ARGS:-}
+    resume=latest ${RETRIEVER_ARGS:-}
 fi
 if [ "${SHIP:-1}" = "1" ]; then
   echo "[shapes] 8/8 ship"
