@@ -13,6 +13,10 @@ Read top to bottom: helpers (timestep embedding, 3D RoPE), attention modules, th
   spatial attention within each frame, then temporal attention at each spatial position (Latte, STDiT),
   each with its own adaLN shift/scale/gate.
 - The model predicts the flow-matching velocity (noise - x0) at timestep = sigma * 1000.
+- Wan 2.1 (diffusers' `WanTransformer3DModel`) is this model with five switches, whose defaults keep ours:
+  QK RMS-norm across all heads, a final modulation of c plus a learned table, text padding attended rather
+  than masked, RoPE angles in float64, and (optionally) no norm before cross-attention. `t2v/models/wan.py`
+  converts weights both ways.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from einops import rearrange
 from t2v.models.attention import BACKENDS, attention, check_backend
 
 LAYOUTS = ("full", "factorized")
-TIMESTEP_FREQ_DIM = 256
+FINAL_MODULATIONS = ("projected", "table")
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -57,18 +61,27 @@ def default_rope_axes_dim(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_3d(
-    grid: tuple[int, int, int], axes_dim: tuple[int, int, int], theta: float, device: torch.device
+    grid: tuple[int, int, int],
+    axes_dim: tuple[int, int, int],
+    theta: float,
+    device: torch.device,
+    float64: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables for tokens ordered (t h w): each (T*H*W, head_dim // 2), float32."""
+    """cos, sin tables for tokens ordered (t h w): each (T*H*W, head_dim // 2), float32.
+
+    `float64` computes the angles in float64 before the cast, as Wan does (except on MPS, which has none).
+    """
+    dtype = torch.float64 if float64 and device.type != "mps" else torch.float32
     angles = []
     for axis, (size, dim) in enumerate(zip(grid, axes_dim)):
-        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)  # (dim/2,)
-        angle = torch.outer(torch.arange(size, dtype=torch.float32, device=device), freqs)  # (size, dim/2)
+        exponents = torch.arange(0, dim, 2, dtype=dtype, device=device) / dim
+        freqs = 1.0 / theta**exponents if float64 else theta**-exponents  # (dim/2,)
+        angle = torch.outer(torch.arange(size, dtype=dtype, device=device), freqs)  # (size, dim/2)
         shape = [1, 1, 1, dim // 2]
         shape[axis] = size
         angles.append(angle.view(shape).expand(*grid, dim // 2))
     angles = torch.cat(angles, dim=-1).flatten(0, 2)  # (T*H*W, head_dim/2)
-    return angles.cos(), angles.sin()
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -87,16 +100,31 @@ def modulate(x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over the last dim for queries and keys. Returns float32, so that RoPE, which follows, needs
-    no second conversion; the caller casts once afterwards."""
+    """RMS norm of queries or keys (B, heads, N, head_dim): over each head's channels (weight of size
+    head_dim), or with `across_heads` over all heads' channels together (weight of size heads * head_dim, as
+    Wan). Returns float32, so that RoPE, which follows, needs no second conversion; the caller casts once."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, across_heads: bool = False):
         super().__init__()
         self.eps = eps
+        self.across_heads = across_heads
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
+        if not self.across_heads:
+            return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
+        heads = x.shape[1]
+        x = rearrange(x.float(), "b h n d -> b n (h d)")
+        out = F.rms_norm(x, self.weight.shape, self.weight.float(), self.eps)  # (B, N, heads * head_dim)
+        return rearrange(out, "b n (h d) -> b h n d", h=heads)
+
+
+def qk_norm_layer(span: str | None, dim: int, num_heads: int, eps: float) -> nn.Module:
+    """The query or key norm: RMS over each head ("per_head"), over all heads ("across_heads"), or none."""
+    if span is None:
+        return nn.Identity()
+    across = span == "across_heads"
+    return RMSNorm(dim if across else dim // num_heads, eps, across_heads=across)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,17 +146,16 @@ class SelfAttention(nn.Module):
     `self.attention_fn(q, k, v, mask)`; a hook set by `VideoDiT.set_self_attention_hook` replaces it.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, axis: str, backend: str):
+    def __init__(self, dim: int, num_heads: int, qk_norm: str | None, eps: float, axis: str, backend: str):
         super().__init__()
-        head_dim = dim // num_heads
         self.num_heads = num_heads
         self.axis = axis
         self.backend = backend
         # Kept out of the module tree: a hook owns no parameters to save.
         self.__dict__["attention_hook"] = None
         self.to_qkv = nn.Linear(dim, 3 * dim)
-        self.norm_q = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.norm_q = qk_norm_layer(qk_norm, dim, num_heads, eps)
+        self.norm_k = qk_norm_layer(qk_norm, dim, num_heads, eps)
         self.to_out = nn.Linear(dim, dim)
 
     def attention_fn(
@@ -158,17 +185,16 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from video tokens to text tokens; padding tokens are never attended."""
+    """Multi-head attention from video tokens to text tokens; tokens masked as padding are not attended."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, backend: str):
+    def __init__(self, dim: int, num_heads: int, qk_norm: str | None, eps: float, backend: str):
         super().__init__()
-        head_dim = dim // num_heads
         self.num_heads = num_heads
         self.backend = backend
         self.to_q = nn.Linear(dim, dim)
         self.to_kv = nn.Linear(dim, 2 * dim)
-        self.norm_q = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.norm_q = qk_norm_layer(qk_norm, dim, num_heads, eps)
+        self.norm_k = qk_norm_layer(qk_norm, dim, num_heads, eps)
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
@@ -193,7 +219,8 @@ class VideoDiTBlock(nn.Module):
     """Self-attention (full, or spatial then temporal), cross-attention to text, MLP; adaLN-modulated.
 
     Modulation rows, 3 per adaLN group, in order: (shift, scale, gate) for each self-attention, then for
-    the MLP. Cross-attention uses a plain affine LayerNorm and no gate, as in PixArt-alpha and Wan.
+    the MLP. Cross-attention uses a plain affine LayerNorm (or, without `cross_attn_norm`, none) and no gate,
+    as in PixArt-alpha and Wan.
     """
 
     def __init__(
@@ -202,7 +229,8 @@ class VideoDiTBlock(nn.Module):
         num_heads: int,
         mlp_hidden_size: int,
         layout: str,
-        qk_norm: bool,
+        qk_norm: str | None,
+        cross_attn_norm: bool,
         eps: float,
         backend: str,
     ):
@@ -213,7 +241,7 @@ class VideoDiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(self.num_modulations, dim))
         self.norm_attn = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.self_attns = nn.ModuleList(SelfAttention(dim, num_heads, qk_norm, eps, a, backend) for a in axes)
-        self.norm_cross = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
+        self.norm_cross = nn.LayerNorm(dim, eps=eps) if cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(dim, num_heads, qk_norm, eps, backend)
         self.norm_mlp = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.mlp = nn.Sequential(
@@ -260,6 +288,15 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     `forward` is factored for sequence parallelism: `prepare_tokens` (patchify + RoPE tables, the tensors
     to shard along the sequence), `embed_conditions`, `forward_blocks`, `final_layer`, `unpatchify`.
+
+    Switches whose non-default values give Wan 2.1 (`t2v.models.wan.config_from_wan`):
+    - `qk_norm_across_heads`: the QK RMS-norm spans all heads (weight of size hidden_size), not each head.
+    - `cross_attn_norm`: an affine LayerNorm before cross-attention (Wan's configs may turn it off).
+    - `final_modulation`: "projected" = final shift/scale from SiLU -> Linear of c (`adaln_out`); "table" =
+      c plus a learned (2, D) table (`modulation_out`).
+    - `mask_text_padding`: False attends to every text token, padding included, whatever the mask says.
+    - `timestep_freq_dim`: width of the sinusoidal timestep embedding.
+    - `rope_float64`: RoPE angles computed in float64 before the float32 cos/sin.
     """
 
     _supports_gradient_checkpointing = True
@@ -284,13 +321,20 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         rope_axes_dim: tuple[int, int, int] | None = None,
         attention_backend: str = "sdpa",
         eps: float = 1e-6,
+        qk_norm_across_heads: bool = False,
+        cross_attn_norm: bool = True,
+        final_modulation: str = "projected",
+        mask_text_padding: bool = True,
+        timestep_freq_dim: int = 256,
+        rope_float64: bool = False,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         patch_size = tuple(patch_size)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("hidden_size", hidden_size), ("num_layers", num_layers),
-                            ("num_heads", num_heads), ("text_dim", text_dim)):  # fmt: skip
+                            ("num_heads", num_heads), ("text_dim", text_dim),
+                            ("timestep_freq_dim", timestep_freq_dim)):  # fmt: skip
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if len(patch_size) != 3 or not all(isinstance(p, int) and p > 0 for p in patch_size):
@@ -320,6 +364,12 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(f"attention_backend {attention_backend!r} is unknown; choose one of {BACKENDS}")
         if rope_theta <= 0:
             raise ValueError(f"rope_theta={rope_theta} must be positive")
+        if timestep_freq_dim % 2:
+            raise ValueError(f"timestep_freq_dim={timestep_freq_dim} must be even (cos and sin pairs)")
+        if qk_norm_across_heads and not qk_norm:
+            raise ValueError("qk_norm_across_heads=True needs qk_norm=True")
+        if final_modulation not in FINAL_MODULATIONS:
+            raise ValueError(f"final_modulation {final_modulation!r} is unknown; one of {FINAL_MODULATIONS}")
 
         self.out_channels = out_channels
         self.patch_size = patch_size
@@ -329,7 +379,7 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # Embedders: patches, timestep, pooled text vector, text tokens.
         self.patch_embed = nn.Linear(in_channels * patch_volume, hidden_size)
         self.time_embed = nn.Sequential(
-            nn.Linear(TIMESTEP_FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+            nn.Linear(timestep_freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
         self.pooled_embed = (
             nn.Sequential(nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
@@ -340,9 +390,17 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
         )
 
+        qk_norm_span = ("across_heads" if qk_norm_across_heads else "per_head") if qk_norm else None
         self.blocks = nn.ModuleList(
             VideoDiTBlock(
-                hidden_size, num_heads, mlp_hidden_size, attention_layout, qk_norm, eps, attention_backend
+                hidden_size,
+                num_heads,
+                mlp_hidden_size,
+                attention_layout,
+                qk_norm_span,
+                cross_attn_norm,
+                eps,
+                attention_backend,
             )
             for _ in range(num_layers)
         )
@@ -350,9 +408,13 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         num_modulations = self.blocks[0].num_modulations
         self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, num_modulations * hidden_size))
 
-        # Final layer: adaLN shift/scale, then a linear map to the patch volume.
+        # Final layer: adaLN shift/scale (projected from c, or c plus a table), then a linear map to the patch
+        # volume.
         self.norm_out = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=False)
-        self.adaln_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        if final_modulation == "projected":
+            self.adaln_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        else:
+            self.modulation_out = nn.Parameter(torch.zeros(2, hidden_size))
         self.proj_out = nn.Linear(hidden_size, patch_volume * out_channels)
 
         self.gradient_checkpointing = False
@@ -378,8 +440,11 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for block in self.blocks:
             nn.init.zeros_(block.modulation)
         # Final modulation and output projection: zero, so the initial velocity prediction is exactly zero.
-        nn.init.zeros_(self.adaln_out[-1].weight)
-        nn.init.zeros_(self.adaln_out[-1].bias)
+        if self.config.final_modulation == "projected":
+            nn.init.zeros_(self.adaln_out[-1].weight)
+            nn.init.zeros_(self.adaln_out[-1].bias)
+        else:
+            nn.init.zeros_(self.modulation_out)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
@@ -425,7 +490,9 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             pt=p_t, ph=p_h, pw=p_w,
         )  # fmt: skip
         tokens = self.patch_embed(patches.to(self.patch_embed.weight.dtype))  # (B, N, D)
-        rope_cos, rope_sin = rope_3d(grid, self.rope_axes_dim, self.config.rope_theta, hidden_states.device)
+        rope_cos, rope_sin = rope_3d(
+            grid, self.rope_axes_dim, self.config.rope_theta, hidden_states.device, self.config.rope_float64
+        )
         return tokens, rope_cos, rope_sin, grid
 
     def embed_conditions(
@@ -436,7 +503,8 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns the conditioning vector c (B, D), shared block modulation (B, M, D), text tokens (B, L, D)."""
         dtype = self.patch_embed.weight.dtype
-        cond = self.time_embed(timestep_embedding(timestep, TIMESTEP_FREQ_DIM).to(dtype))  # (B, D)
+        frequencies = timestep_embedding(timestep, self.config.timestep_freq_dim)  # (B, timestep_freq_dim)
+        cond = self.time_embed(frequencies.to(dtype))  # (B, D)
         if self.pooled_embed is not None:
             cond = cond + self.pooled_embed(pooled_projections.to(dtype))
         modulation = self.adaln(cond).unflatten(1, (-1, self.config.hidden_size))  # (B, M, D)
@@ -465,7 +533,10 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     def final_layer(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """adaLN shift/scale and projection: (B, N, D) -> (B, N, patch_volume * out_channels)."""
-        shift, scale = self.adaln_out(cond).unsqueeze(1).chunk(2, dim=-1)  # each (B, 1, D)
+        if self.config.final_modulation == "projected":
+            shift, scale = self.adaln_out(cond).unsqueeze(1).chunk(2, dim=-1)  # each (B, 1, D)
+        else:
+            shift, scale = (self.modulation_out.float() + cond.float()[:, None]).chunk(2, dim=1)  # (B, 1, D)
         return self.proj_out(modulate(tokens, self.norm_out, shift, scale))
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -486,7 +557,10 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         encoder_attention_mask: torch.Tensor | None,
         pooled_projections: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Validate inputs; return timestep (B,) float32 and the text mask (B, L) bool (None: all real)."""
+        """Validate inputs; return timestep (B,) float32 and the text mask (B, L) bool (None: attend to all).
+
+        With `mask_text_padding=False` the mask is checked, then dropped: every text token is attended.
+        """
         config = self.config
         if hidden_states.ndim != 5:
             raise ValueError(f"hidden_states must be (B, C, T, H, W), got shape {tuple(hidden_states.shape)}")
@@ -544,6 +618,8 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(
                 "pooled_projections given but the model has pooled_dim=0 (no pooled text vector)"
             )
+        if not config.mask_text_padding:
+            mask = None  # padding is attended like any other token
         return timestep, mask
 
     def forward(
