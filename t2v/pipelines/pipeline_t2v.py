@@ -55,7 +55,8 @@ class T2VPipeline(DiffusionPipeline):
 
     `generation_defaults` ({name: value} over GENERATION_SETTINGS) are what a call leaves unset: a trained
     pipeline saves its training clip shape, frame rate and validation sampler settings. Without them the
-    sampler settings default to SAMPLER_DEFAULTS and a call must give num_frames, height and width.
+    sampler settings default to SAMPLER_DEFAULTS and a call must give num_frames, height and width (and
+    `t2v.generation.generate_to_folder` the fps it writes at).
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
