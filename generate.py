@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_and_check(argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    from t2v.generation import guidance_error, out_dir_error, read_prompt_file, sampler_error, seed_error
+    from t2v.generation import out_dir_error, read_prompt_file, sampler_error, seed_error
 
     prompts = list(args.prompts)
     if args.prompt_file:
@@ -61,12 +61,8 @@ def parse_and_check(argv: list[str] | None = None):
         parser.error("no prompts: give prompts as arguments or --prompt-file FILE")
     if any(not p.strip() for p in prompts):
         parser.error("a prompt is empty")
-    for name in ("steps", "num_frames", "height", "width", "fps", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} {value} must be at least 1")
-    if (error := guidance_error(args.guidance)) is not None:
-        parser.error(f"--{error}")
+    # The generation settings (steps, guidance, clip shape, fps, batch size) are checked against the model,
+    # by the pipeline, before anything is written.
     if (error := seed_error(args.seed, len(prompts))) is not None:
         parser.error(f"--{error}")
     if (error := out_dir_error(args.out_dir, args.overwrite)) is not None:
@@ -106,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import t2v
-    from pipelines import T2VPipeline
     from t2v.generation import GenerationSettings, generate_to_folder, set_sampler
+    from t2v.pipelines import T2VPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -142,10 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [args.seed + i for i in range(len(prompts))]
     _warn_long_prompts(pipe, prompts)
     try:
-        # Checks every setting against the model before anything is generated or written.
-        resolved = settings.resolved(pipe.config.generation_defaults)
-        pipe.check_inputs(prompts, args.negative_prompt, resolved.num_frames, resolved.height, resolved.width,
-                          None, None)
         rows = generate_to_folder(pipe, prompts, args.out_dir, seeds, settings, overwrite=args.overwrite)
     except ValueError as e:
         parser.error(str(e))

@@ -34,7 +34,7 @@ from t2v.data.cache import (
 )
 from t2v.models.loading import load_vae
 from t2v.models.text_encoder import TextEmbedder
-from t2v.models.vae_utils import latent_channels, vae_scale_factors
+from t2v.models.vae_utils import latent_shape
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -94,18 +94,17 @@ def main():
         raise SystemExit(f"{args.out}/cache exists; give an empty --out")
 
     vae = load_vae(args.vae, args.seed)
-    temporal, spatial = vae_scale_factors(vae)
-    if (args.frames - 1) % temporal or args.height % spatial or args.width % spatial:
-        raise SystemExit(f"clip {args.frames}x{args.height}x{args.width} does not fit the VAE: frames must be "
-                         f"{temporal}k+1, height and width multiples of {spatial}")
-    latent_shape = (latent_channels(vae), (args.frames - 1) // temporal + 1, args.height // spatial, args.width // spatial)
+    try:
+        shape = latent_shape(vae, args.frames, args.height, args.width)  # (C, T', H', W')
+    except ValueError as e:
+        raise SystemExit(f"clip {args.frames}x{args.height}x{args.width} does not fit the VAE: {e}") from None
     vae_dir, text_dir, cache_dir = (os.path.join(args.out, name) for name in ("vae", "text_encoder", "cache"))
     vae.save_pretrained(vae_dir)
     save_random_t5(text_dir, args.text_dim, args.max_length, args.seed)
     text = TextEmbedder.from_pretrained(text_dir, max_length=args.max_length)  # as the trainer loads it
     fingerprint = CacheFingerprint(vae=vae_fingerprint(vae), text_encoder=text.fingerprint(), frames=args.frames,
                                    height=args.height, width=args.width, fps=None, manifest="synthetic")
-    print(f"latents {latent_shape}, text ({args.max_length}, {text.dim}), {args.num} rows -> {cache_dir}")
+    print(f"latents {shape}, text ({args.max_length}, {text.dim}), {args.num} rows -> {cache_dir}")
 
     dtype = DTYPES[args.dtype]
     os.makedirs(cache_dir)
@@ -116,8 +115,8 @@ def main():
         embedded = text(list(captions.values()))
         tensors = {}
         for b, i in enumerate(range(start, end)):
-            tensors[f"{i}.latent_mean"] = torch.randn(latent_shape, generator=generator).to(dtype)
-            tensors[f"{i}.latent_logvar"] = torch.full(latent_shape, -9.0, dtype=dtype)
+            tensors[f"{i}.latent_mean"] = torch.randn(shape, generator=generator).to(dtype)
+            tensors[f"{i}.latent_logvar"] = torch.full(shape, -9.0, dtype=dtype)
             tensors[f"{i}.text_states"] = embedded.states[b].to(dtype)
             tensors[f"{i}.text_mask"] = embedded.mask[b]
             tensors[f"{i}.pooled"] = embedded.pooled[b].to(dtype)

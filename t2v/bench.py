@@ -371,6 +371,7 @@ def build_vae_pair(config: BenchConfig, device: torch.device, compile_models: bo
     from diffusers import AutoencoderKLWan
 
     from t2v.models.vae import CausalVideoVAE
+    from t2v.models.vae_utils import latent_shape
 
     ours_config = vae_config(config)
     with torch.device(device):
@@ -388,8 +389,7 @@ def build_vae_pair(config: BenchConfig, device: torch.device, compile_models: bo
         )
     generator = torch.Generator().manual_seed(0)
     clip = (torch.rand(1, ours_config["in_channels"], frames, height, width, generator=generator) * 2 - 1).to(device)
-    latent_shape = (1, ours_config["latent_channels"], 1 + (frames - 1) // t_ratio, height // s_ratio, width // s_ratio)
-    latents = torch.randn(latent_shape, generator=generator).to(device)
+    latents = torch.randn(1, *latent_shape(models["ours"], frames, height, width), generator=generator).to(device)
     steps = {}
     for name, model in models.items():
         model.to(device).eval()

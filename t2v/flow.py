@@ -1,6 +1,7 @@
-"""Rectified-flow training objective: x_t = (1 - sigma) x0 + sigma eps, velocity target eps - x0.
+"""Flow-matching maths shared by training and sampling: x_t = (1 - sigma) x0 + sigma eps, velocity eps - x0.
 
-Small pure functions, so each piece can be checked by hand. The model sees timestep = sigma * 1000.
+Small pure functions, so each piece can be checked by hand: sigmas and their shift, the token count the
+shift follows, the training loss. The model sees timestep = sigma * 1000.
 """
 
 from __future__ import annotations
@@ -27,18 +28,41 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def dynamic_shift(
+def num_tokens(latent_size: tuple[int, int, int], patch_size: tuple[int, int, int]) -> int:
+    """Transformer tokens of latents (T, H, W) cut into (p_t, p_h, p_w) patches: the count the shift follows."""
+    (frames, height, width), (p_t, p_h, p_w) = latent_size, patch_size
+    return (frames // p_t) * (height // p_h) * (width // p_w)
+
+
+def shift_mu(
     seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15
 ) -> float:
-    """exp(mu), mu linear in the token count through (base_seq_len, base_shift), (max_seq_len, max_shift).
+    """mu = log(shift), linear in the token count through (base_seq_len, base_shift), (max_seq_len, max_shift).
 
-    The same line as Flux/SD3's `calculate_shift`; longer or larger videos get a larger shift.
+    Flux/SD3's `calculate_shift`: longer or larger videos get a larger shift. Samplers with dynamic shifting
+    take `mu` itself (diffusers' `set_timesteps(mu=...)`); training shifts its sigmas by `dynamic_shift`.
     """
     if max_seq_len <= base_seq_len:
         raise ValueError(f"max_seq_len {max_seq_len} must exceed base_seq_len {base_seq_len}")
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    mu = base_shift + slope * (seq_len - base_seq_len)
-    return math.exp(mu)
+    return base_shift + slope * (seq_len - base_seq_len)
+
+
+def dynamic_shift(
+    seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15
+) -> float:
+    """exp(shift_mu): the `shift_sigmas` shift equal to a dynamic-shifting sampler's schedule at `mu`."""
+    return math.exp(shift_mu(seq_len, base_seq_len, max_seq_len, base_shift, max_shift))
+
+
+def flow_shift(num_tokens: int, flow) -> float:
+    """The sigma shift of a `FlowConfig` for `num_tokens` latent tokens: dynamic, or the fixed `flow.shift`.
+
+    Training shifts by it; `t2v.train.export.flow_scheduler` gives the sampler the same rule.
+    """
+    if flow.dynamic_shift:
+        return dynamic_shift(num_tokens, flow.base_seq_len, flow.max_seq_len, flow.base_shift, flow.max_shift)
+    return flow.shift
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

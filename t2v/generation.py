@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FORMATS = ("mp4", "gif")
+from t2v.data.video import VIDEO_FORMATS, write_video
+
 LOCK_NAME = ".generate.lock"  # held in the output folder while a generation writes into it
 TEMP_PREFIX = ".generate.tmp-"  # temporary folders inside the output folder (same filesystem)
 MAX_SEED = 2**63 - 1
@@ -21,6 +22,8 @@ MAX_SEED = 2**63 - 1
 
 @dataclass
 class GenerationSettings:
+    """How to generate and write videos. None: the pipeline's saved default (`T2VPipeline.generation_settings`)."""
+
     num_frames: int | None = None
     height: int | None = None
     width: int | None = None
@@ -31,12 +34,12 @@ class GenerationSettings:
     format: str = "mp4"
     batch_size: int = 8
 
-    def resolved(self, defaults: dict) -> GenerationSettings:
-        """Fill unset fields from the pipeline's generation defaults."""
+    def resolved(self, pipe) -> GenerationSettings:
+        """These settings with every unset one taken from `pipe`'s saved generation defaults."""
         values = asdict(self)
-        for key in ("num_frames", "height", "width", "num_inference_steps", "guidance_scale", "fps"):
-            if values[key] is None:
-                values[key] = defaults[key]
+        values.update(pipe.generation_settings(num_frames=self.num_frames, height=self.height, width=self.width,
+                                               num_inference_steps=self.num_inference_steps,
+                                               guidance_scale=self.guidance_scale, fps=self.fps))
         return GenerationSettings(**values)
 
 
@@ -127,26 +130,6 @@ def video_name(index: int, fmt: str) -> str:
     return f"{index:05d}.{fmt}"
 
 
-def write_video(frames: np.ndarray, path: str | os.PathLike, fps: int, fmt: str) -> None:
-    """frames: (F, H, W, 3) floats in [0, 1]. mp4 is H.264 in yuv444p at crf 5: no chroma subsampling, so
-    flat colours and small shapes survive the file (yuv420p blurs the colour of a 10-pixel object)."""
-    import imageio.v2 as imageio
-    from diffusers.utils import export_to_gif
-    from PIL import Image
-
-    frames = (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
-    if fmt == "mp4":
-        with imageio.get_writer(str(path), format="FFMPEG", fps=fps, codec="libx264", quality=None,
-                                pixelformat="yuv444p", macro_block_size=1, output_params=["-crf", "5"],
-                                ffmpeg_log_level="error") as writer:
-            for frame in frames:
-                writer.append_data(frame)
-    elif fmt == "gif":
-        export_to_gif([Image.fromarray(f) for f in frames], str(path), fps=fps)
-    else:
-        raise ValueError(f"video format {fmt!r} must be one of {FORMATS}")
-
-
 def generate_to_folder(
     pipe,
     prompts: list[str],
@@ -164,15 +147,22 @@ def generate_to_folder(
     lock file names its process; a dead process's lock is taken over). Everything is written in a temporary
     folder inside `out_dir` (the same filesystem, so the final moves are renames) and moved in only when all
     videos exist, so an interrupted run leaves nothing half-written; its leftovers are removed by the next run.
-    `extra` adds per-prompt fields to the manifest rows (e.g. a ground-truth record).
+    `extra` adds per-prompt fields to the manifest rows (e.g. a ground-truth record). Every setting is resolved
+    and checked by the pipeline (`generation_settings`, `check_inputs`) before anything is written.
     """
-    settings = (settings or GenerationSettings()).resolved(pipe.config.generation_defaults)
     if not prompts:
         raise ValueError("no prompts given")
+    settings = (settings or GenerationSettings()).resolved(pipe)
+    pipe.check_inputs(prompts, settings.negative_prompt, settings.num_frames, settings.height, settings.width, None,
+                      None, settings.num_inference_steps, settings.guidance_scale)
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-    if settings.format not in FORMATS:
-        raise ValueError(f"video format {settings.format!r} must be one of {FORMATS}")
+    if settings.format not in VIDEO_FORMATS:
+        raise ValueError(f"video format {settings.format!r} must be one of {VIDEO_FORMATS}")
+    if settings.batch_size < 1:
+        raise ValueError(f"batch size {settings.batch_size} must be at least 1")
+    if settings.fps < 1:
+        raise ValueError(f"fps {settings.fps} must be at least 1")
     if extra is not None and len(extra) != len(prompts):
         raise ValueError(f"got {len(extra)} extra rows for {len(prompts)} prompts")
     if (error := out_dir_error(out_dir, overwrite)) is not None:
@@ -267,10 +257,11 @@ def _generate_into(pipe, prompts, out_dir: Path, seeds, settings, extra, progres
                 guidance_scale=settings.guidance_scale,
                 generator=generators,
                 output_type="np",
-            ).frames  # (B, F, H, W, 3)
+            ).frames  # (B, F, H, W, 3) in [0, 1]
+            videos = (np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8)
             for j, i in enumerate(batch):
                 name = video_name(i, settings.format)
-                write_video(out[j], tmp / name, settings.fps, settings.format)
+                write_video(tmp / name, videos[j], settings.fps)
                 row = {"prompt": prompts[i], "seed": int(seeds[i]), "path": name, **_settings_row(settings)}
                 if extra is not None:
                     row.update(extra[i])

@@ -44,13 +44,14 @@ def clip_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shapes_folder(tmp_path_factory):
     """Shapes World prompts with their true renders as the 'generated' videos."""
-    from t2v.data.shapes import make_prompts, render, write_video
+    from t2v.data.shapes import FPS, make_prompts, render
+    from t2v.data.video import write_video
 
     folder = tmp_path_factory.mktemp("renders")
     rows = make_prompts(seed=0, per_category=1)  # 4 prompts, one per category
     with open(folder / "manifest.jsonl", "w") as f:
         for i, row in enumerate(rows):
-            write_video(folder / f"{i:05d}.mp4", render(row["record"]))
+            write_video(folder / f"{i:05d}.mp4", render(row["record"]), FPS)
             f.write(json.dumps({**row, "path": f"{i:05d}.mp4"}) + "\n")
     return folder
 

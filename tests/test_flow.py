@@ -3,7 +3,17 @@ import math
 import pytest
 import torch
 
-from t2v.flow import dynamic_shift, flow_matching_loss, interpolate, sample_logit_normal, shift_sigmas
+from t2v.config import FlowConfig
+from t2v.flow import (
+    dynamic_shift,
+    flow_matching_loss,
+    flow_shift,
+    interpolate,
+    num_tokens,
+    sample_logit_normal,
+    shift_mu,
+    shift_sigmas,
+)
 
 
 def test_shift_formula_by_hand():
@@ -21,6 +31,16 @@ def test_dynamic_shift_is_linear_in_log_space():
     assert dynamic_shift(2176, 256, 4096, 0.5, 1.15) == pytest.approx(math.exp(0.825))
     with pytest.raises(ValueError, match="max_seq_len"):
         dynamic_shift(10, 256, 256)
+
+
+def test_token_count_and_the_shift_rule_by_hand():
+    # The default Shapes World latents (5, 16, 16) in (1, 2, 2) patches: 5 * 8 * 8 tokens.
+    assert num_tokens((5, 16, 16), (1, 2, 2)) == 320
+    assert num_tokens((3, 4, 6), (1, 2, 3)) == 3 * 2 * 2
+    assert shift_mu(256, 256, 4096, 0.5, 1.15) == 0.5 and shift_mu(2176, 256, 4096, 0.5, 1.15) == pytest.approx(0.825)
+    assert dynamic_shift(320) == math.exp(shift_mu(320))  # the shift is exactly exp of the sampler's mu
+    assert flow_shift(320, FlowConfig()) == dynamic_shift(320, 256, 4096, 0.5, 1.15)
+    assert flow_shift(320, FlowConfig(dynamic_shift=False, shift=3.0)) == 3.0
 
 
 def test_logit_normal_sigmas_are_seeded_and_in_range():

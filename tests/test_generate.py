@@ -217,3 +217,21 @@ def test_a_long_prompt_is_cut_with_a_warning(model_dir, tmp_path):
     r = _generate("a red circle " * 200, "--model", model_dir, "--out-dir", tmp_path / "long", "--steps", 1)
     assert r.returncode == 0, r.stderr
     assert "prompt 0 has" in r.stderr and "reads the first" in r.stderr
+
+
+def test_generation_reads_unset_settings_from_the_pipeline_and_checks_before_writing(tmp_path):
+    from t2v.generation import GenerationSettings, generate_to_folder
+    from t2v.pipelines import T2VPipeline
+
+    pipe = tiny_pipeline()
+    rows = generate_to_folder(pipe, ["a"], tmp_path / "out", [0], GenerationSettings(format="gif"), progress=False)
+    d = pipe.config.generation_defaults
+    assert {key: rows[0][key] for key in d} == d  # every unset setting is the saved default, written down
+    bare = T2VPipeline(**pipe.components, max_sequence_length=16,
+                       generation_defaults={key: d[key] for key in ("num_frames", "height", "width")})
+    for settings, match in ((GenerationSettings(format="gif"), "fps is not given"),
+                            (GenerationSettings(fps=8, guidance_scale=-1.0), "guidance -1.0"),
+                            (GenerationSettings(fps=8, batch_size=0), "batch size 0")):
+        with pytest.raises(ValueError, match=match):
+            generate_to_folder(bare, ["a"], tmp_path / "new", [0], settings, progress=False)
+        assert not (tmp_path / "new").exists()

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -132,7 +134,11 @@ def test_model_cpu_offload_runs(pipe):
         ({"prompt": []}, "non-empty list"),
         ({"prompt": ["a", "b"], "negative_prompt": ["x"]}, "negative_prompt has 1"),
         ({"num_inference_steps": 0}, "num_inference_steps 0"),
+        ({"guidance_scale": float("nan")}, "guidance nan"),
+        ({"guidance_scale": -1.0}, "guidance -1.0"),
+        ({"num_videos_per_prompt": 0}, "num_videos_per_prompt 0"),
         ({"output_type": "mp4"}, "output_type"),
+        ({"callback_on_step_end_tensor_inputs": ["noise"]}, "callback tensor input 'noise'"),
     ],
 )
 def test_bad_inputs_raise(pipe, kwargs, match):
@@ -266,3 +272,88 @@ def test_a_prompts_noise_does_not_depend_on_its_batch(pipe):
     two = pipe(["a red circle", "a blue square"],
                generator=[torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]).frames[0]
     assert np.abs(one - two).max() <= 4 / 255
+
+
+def test_generation_defaults_come_from_the_saved_config_and_nowhere_else(pipe, tmp_path):
+    from t2v.pipelines.pipeline_t2v import SAMPLER_DEFAULTS
+
+    c = pipe.components
+    bare = T2VPipeline(**c, max_sequence_length=16)  # built by hand: no saved clip shape
+    assert bare.config.generation_defaults == SAMPLER_DEFAULTS
+    assert bare.generation_settings(num_inference_steps=None, guidance_scale=2.0) == {
+        "num_inference_steps": SAMPLER_DEFAULTS["num_inference_steps"], "guidance_scale": 2.0}
+    with pytest.raises(ValueError, match="num_frames is not given and this pipeline has no saved default"):
+        bare("a red circle")
+    d = pipe.config.generation_defaults
+    clip = {key: d[key] for key in ("num_frames", "height", "width")}
+    np.testing.assert_array_equal(_run(bare, num_inference_steps=d["num_inference_steps"],
+                                       guidance_scale=d["guidance_scale"], **clip).frames, _run(pipe).frames)
+    with pytest.raises(ValueError, match=r"unknown keys \['frames'\]"):
+        T2VPipeline(**c, generation_defaults={"frames": 5})
+    with pytest.raises(ValueError, match="unknown generation settings"):
+        pipe.generation_settings(steps=3)
+    # What a saved folder states is what a loaded pipeline defaults to.
+    pipe.save_pretrained(tmp_path / "p")
+    assert T2VPipeline.from_pretrained(tmp_path / "p").config.generation_defaults == d
+
+
+def test_encode_prompt_is_the_training_text_embedder(pipe):
+    from t2v.models.text_encoder import TextEmbedder
+
+    prompts = ["a red circle", "a large blue square moving up"]
+    ours = pipe.encode_prompt(prompts, "cpu")
+    training = TextEmbedder(pipe.tokenizer, pipe.text_encoder, pipe.config.max_sequence_length)(prompts)
+    for name in ("states", "mask", "pooled"):
+        assert torch.equal(getattr(ours, name), getattr(training, name))
+    # A second encoder supplies the pooled vector, read as far as it can (here its 128 positions).
+    two = T2VPipeline(**{**pipe.components, "text_encoder_2": pipe.text_encoder, "tokenizer_2": pipe.tokenizer},
+                      max_sequence_length=16, generation_defaults=pipe.config.generation_defaults)
+    pooled = TextEmbedder(pipe.tokenizer, pipe.text_encoder, 16, pipe.tokenizer, pipe.text_encoder)(prompts).pooled
+    assert torch.equal(two.encode_prompt(prompts, "cpu").pooled, pooled)
+    assert TextEmbedder(pipe.tokenizer, pipe.text_encoder, 16, pipe.tokenizer, pipe.text_encoder).max_length_2 == 128
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_training_and_sampling_shift_a_clip_alike(pipe, dynamic):
+    """The shift training draws its sigmas with equals the shift of the sampler that export gives the pipeline."""
+    from t2v.config import FlowConfig
+    from t2v.flow import flow_shift, num_tokens, shift_sigmas
+    from t2v.train.export import flow_scheduler
+
+    flow = FlowConfig(dynamic_shift=dynamic, shift=3.0, base_seq_len=4, max_seq_len=64)
+    p = T2VPipeline(**{**pipe.components, "scheduler": flow_scheduler(flow)}, max_sequence_length=16,
+                    generation_defaults=pipe.config.generation_defaults)
+    seen = {}
+    set_timesteps = p.scheduler.set_timesteps
+
+    def spy(*args, **kwargs):
+        seen["mu"] = kwargs.get("mu")
+        return set_timesteps(*args, **kwargs)
+
+    p.scheduler.set_timesteps = spy
+    x0 = _run(p, output_type="latent", num_inference_steps=4).frames  # (B, C, T', H', W') as training's x0
+    training = flow_shift(num_tokens(x0.shape[2:], p.transformer.config.patch_size), flow)
+    sampling = math.exp(seen["mu"]) if dynamic else p.scheduler.config.shift
+    assert training == sampling and training != 1.0
+    if dynamic:  # the sampler's noise levels are evenly spaced ones shifted as training shifts its sigmas
+        plain = torch.linspace(1.0, 1 / 1000, 4)
+        torch.testing.assert_close(p.scheduler.sigmas[:-1], shift_sigmas(plain, training), atol=1e-6, rtol=1e-6)
+
+
+def test_latent_shape_by_hand_and_its_errors():
+    from helpers import tiny_vae
+
+    from t2v.models.vae_utils import check_clip_shape, latent_shape
+
+    vae = tiny_vae()  # 2x in time and space, 4 latent channels
+    assert latent_shape(vae, 1, 8, 8) == (4, 1, 4, 4)
+    assert latent_shape(vae, 9, 16, 24) == (4, 5, 8, 12)
+    assert latent_shape(tiny_wan_vae(), 5, 8, 8) == (4, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"num_frames 4 must be 2k\+1"):
+        latent_shape(vae, 4, 8, 8)
+    with pytest.raises(ValueError, match="width 7 must be a positive multiple of 2"):
+        latent_shape(vae, 5, 8, 7)
+    with pytest.raises(ValueError, match="num_frames 3 gives 2 latent frames, not divisible by patch 3"):
+        check_clip_shape(vae, (3, 1, 1), 3, 8, 8)
+    with pytest.raises(ValueError, match=r"height 6 must be a positive multiple of 4 \(VAE factor 2 x patch size 2\)"):
+        check_clip_shape(vae, (1, 2, 2), 5, 6, 8)

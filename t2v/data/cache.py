@@ -161,14 +161,9 @@ def write_cache(
         raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"cache dtype {dtype} must be float16, bfloat16 or float32")
-    from t2v.models.vae_utils import vae_scale_factors
+    from t2v.models.vae_utils import latent_shape
 
-    ft, fs = vae_scale_factors(vae)
-    if frames < 1 or (frames - 1) % ft:
-        raise ValueError(f"frames {frames} must be {ft}k+1 for this VAE (1, {ft + 1}, {2 * ft + 1}, ...)")
-    for name, value in (("height", height), ("width", width)):
-        if value < fs or value % fs:
-            raise ValueError(f"{name} {value} must be a positive multiple of {fs} (the VAE's spatial factor)")
+    latent_shape(vae, frames, height, width)  # raises for a clip shape the VAE cannot take
     fingerprint = make_fingerprint(vae, text_embedder, manifest_path, frames, height, width, fps)
     fingerprint_dict = asdict(fingerprint)
     os.makedirs(out_dir, exist_ok=True)

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2v.data.video import write_video
+
 NUM_FRAMES = 17
 SIZE = 64
 FPS = 8
@@ -479,17 +481,6 @@ def sample_batch(rng: np.random.Generator, batch_size: int, split: str = "train"
 # ----------------------------------------------------------------------------------------------------
 
 
-def write_video(path: str | os.PathLike, video: np.ndarray) -> None:
-    """Write uint8 (T, H, W, 3) as H.264 mp4 at FPS; yuv444p and crf 5 keep flat colours within a few levels."""
-    import imageio.v2 as imageio
-
-    with imageio.get_writer(str(path), format="FFMPEG", fps=FPS, codec="libx264", quality=None,
-                            pixelformat="yuv444p", macro_block_size=16,
-                            output_params=["-crf", "5"], ffmpeg_log_level="error") as writer:
-        for frame in video:
-            writer.append_data(frame)
-
-
 def write_dataset(out_dir: str | os.PathLike, num: int, seed: int, split: str = "train",
                   num_paraphrases: int = 4, canonical_prob: float = 1.0) -> Path:
     """Write `num` clips to `out_dir/videos/*.mp4` and `out_dir/manifest.csv`; returns the manifest path.
@@ -523,7 +514,7 @@ def write_dataset(out_dir: str | os.PathLike, num: int, seed: int, split: str = 
         caption = caption_for(record, wording_rng, canonical_prob)
         name = f"{index:0{width}d}.mp4"
         tmp = video_dir / f".tmp-{name}"
-        write_video(tmp, render(record))
+        write_video(tmp, render(record), FPS)
         os.replace(tmp, video_dir / name)
         rows.append({"path": f"videos/{name}", "caption": caption, "canonical_caption": canonical_caption(record),
                      "record": json.dumps(record), "paraphrases": json.dumps(paraphrases),

@@ -123,6 +123,17 @@ def encode_text(
     return TextEmbeddings(states=states, mask=mask, pooled=pooled)
 
 
+def _max_length(tokenizer: PreTrainedTokenizerBase, encoder: PreTrainedModel) -> int:
+    """The most tokens an encoder reads: its tokenizer's `model_max_length`, capped by the encoder's positions.
+    transformers' placeholder for a tokenizer without a limit (about 1e30) counts as none."""
+    limits = [tokenizer.model_max_length, getattr(encoder.config, "max_position_embeddings", None)]
+    limits = [int(n) for n in limits if n is not None and n < 1_000_000]
+    if not limits:
+        raise ValueError(f"neither the tokenizer nor the config of {type(encoder).__name__} states how many tokens "
+                         "it reads (model_max_length, max_position_embeddings)")
+    return min(limits)
+
+
 def pooled_dim_of(encoder: PreTrainedModel) -> int:
     config = encoder.config
     return getattr(config, "projection_dim", None) if "clip" in config.model_type else _hidden_dim(config)
@@ -133,10 +144,13 @@ def _hidden_dim(config) -> int:
 
 
 class TextEmbedder(nn.Module):
-    """A frozen sequence encoder plus an optional pooled encoder, called on a list of prompts.
+    """A frozen sequence encoder plus an optional pooled encoder, called on a list of prompts: the one way
+    prompts become `TextEmbeddings`, in training and in `T2VPipeline.encode_prompt`.
 
     Without a second encoder the pooled vector is the first encoder's own pooled output (CLIP projection or
-    masked mean of the token states).
+    masked mean of the token states). The second encoder reads as many tokens as it can (its tokenizer's
+    `model_max_length`, at most its position count: 77 for CLIP), so the pipeline, which holds the same two
+    encoders, reads what training read.
     """
 
     def __init__(
@@ -146,13 +160,13 @@ class TextEmbedder(nn.Module):
         max_length: int = 77,
         tokenizer_2: PreTrainedTokenizerBase | None = None,
         encoder_2: PreTrainedModel | None = None,
-        max_length_2: int = 77,
     ):
         super().__init__()
         if max_length < 1:
             raise ValueError(f"max_length {max_length} must be at least 1")
         if (tokenizer_2 is None) != (encoder_2 is None):
             raise ValueError("tokenizer_2 and encoder_2 must be given together")
+        max_length_2 = _max_length(tokenizer_2, encoder_2) if encoder_2 is not None else None
         self.tokenizer, self.encoder, self.max_length = tokenizer, encoder, max_length
         self.tokenizer_2, self.encoder_2, self.max_length_2 = tokenizer_2, encoder_2, max_length_2
 
@@ -162,12 +176,11 @@ class TextEmbedder(nn.Module):
         name_or_path: str,
         name_or_path_2: str | None = None,
         max_length: int = 77,
-        max_length_2: int = 77,
         dtype: torch.dtype | None = None,
     ) -> TextEmbedder:
         tokenizer, encoder = load_text_encoder(name_or_path, dtype)
         tokenizer_2, encoder_2 = load_text_encoder(name_or_path_2, dtype) if name_or_path_2 else (None, None)
-        return cls(tokenizer, encoder, max_length, tokenizer_2, encoder_2, max_length_2)
+        return cls(tokenizer, encoder, max_length, tokenizer_2, encoder_2)
 
     @property
     def dim(self) -> int:
@@ -178,12 +191,13 @@ class TextEmbedder(nn.Module):
         return pooled_dim_of(self.encoder_2 if self.encoder_2 is not None else self.encoder)
 
     @torch.no_grad()
-    def forward(self, prompts: list[str]) -> TextEmbeddings:
+    def forward(self, prompts: list[str], device: torch.device | str | None = None) -> TextEmbeddings:
+        """Embeddings of `prompts` on `device` (default: the first encoder's)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        out = encode_text(self.tokenizer, self.encoder, prompts, self.max_length)
+        out = encode_text(self.tokenizer, self.encoder, prompts, self.max_length, device)
         if self.encoder_2 is not None:
-            out.pooled = encode_text(self.tokenizer_2, self.encoder_2, prompts, self.max_length_2).pooled
+            out.pooled = encode_text(self.tokenizer_2, self.encoder_2, prompts, self.max_length_2, device).pooled
         return out
 
     def fingerprint(self) -> str:
@@ -209,7 +223,3 @@ def _digest(model: nn.Module) -> str:
     for p in (params[0], params[-1]):
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def is_offline_path(name_or_path: str) -> bool:
-    return name_or_path in (MINILM, TINY_RANDOM) or os.path.isdir(name_or_path)

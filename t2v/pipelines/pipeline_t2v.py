@@ -1,7 +1,9 @@
 """T2VPipeline: text-to-video sampling with a video VAE, a video DiT and frozen text encoders.
 
 Stages follow diffusers' video pipelines: 1. check inputs, 2. encode prompt, 3. timesteps, 4. latents,
-5. denoise with classifier-free guidance, 6. decode.
+5. denoise with classifier-free guidance, 6. decode. What a call leaves unset comes from the pipeline's
+saved `generation_defaults` (`generation_settings`); the flow shift, token count, latent shape and prompt
+encoding are the ones training uses (`t2v.flow`, `t2v.models.vae_utils`, `TextEmbedder`).
 """
 
 from __future__ import annotations
@@ -16,20 +18,22 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from t2v.flow import num_tokens, shift_mu
+from t2v.generation import guidance_error
+
 # Imported so that diffusers can resolve saved components named by these modules.
 from t2v.models.dit import VideoDiT  # noqa: F401
-from t2v.models.text_encoder import TextEmbeddings, encode_text, load_text_encoder
+from t2v.models.text_encoder import TextEmbedder, TextEmbeddings, load_text_encoder
 from t2v.models.vae import CausalVideoVAE  # noqa: F401
-from t2v.models.vae_utils import denormalize_latents, latent_channels, vae_scale_factors
+from t2v.models.vae_utils import check_clip_shape, denormalize_latents, latent_shape, vae_scale_factors
 
-DEFAULT_GENERATION = {
-    "num_frames": 17,
-    "height": 64,
-    "width": 64,
-    "num_inference_steps": 30,
-    "guidance_scale": 5.0,
-    "fps": 8,
-}
+# What `generation_defaults` may hold: the call's clip shape and sampler settings, and the frame rate a
+# video is written at.
+GENERATION_SETTINGS = ("num_frames", "height", "width", "num_inference_steps", "guidance_scale", "fps")
+# The generic part: sampler settings that suit any flow-matching model. The clip shape and frame rate have no
+# generic value (they are what the model was trained on), so they come from the saved folder or the call.
+SAMPLER_DEFAULTS = {"num_inference_steps": 30, "guidance_scale": 5.0}
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
 @dataclass
@@ -40,12 +44,6 @@ class T2VPipelineOutput(BaseOutput):
     frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]
 
 
-def calculate_shift(seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
-    """Linear map from token count to the log-shift `mu` (Flux/SD3 resolution-dependent shifting)."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return base_shift + slope * (seq_len - base_seq_len)
-
-
 class T2VPipeline(DiffusionPipeline):
     r"""Text-to-video generation.
 
@@ -54,6 +52,11 @@ class T2VPipeline(DiffusionPipeline):
     optional `text_encoder_2` + `tokenizer_2` (pooled vector, e.g. CLIP), `scheduler` (a flow-matching scheduler:
     `FlowMatchEulerDiscreteScheduler`, or UniPC / DPM-Solver++ with `use_flow_sigmas`). When a saved pipeline
     leaves its text encoder out, `text_encoder_source` names where to load it from (path, hub id or "minilm").
+
+    `generation_defaults` ({name: value} over GENERATION_SETTINGS) are what a call leaves unset: a trained
+    pipeline saves its training clip shape, frame rate and validation sampler settings. Without them the
+    sampler settings default to SAMPLER_DEFAULTS and a call must give num_frames, height and width (and
+    `t2v.generation.generate_to_folder` the fps it writes at).
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
@@ -74,6 +77,9 @@ class T2VPipeline(DiffusionPipeline):
         generation_defaults: dict | None = None,
     ):
         super().__init__()
+        generation_defaults = {**SAMPLER_DEFAULTS, **(generation_defaults or {})}
+        if unknown := sorted(set(generation_defaults) - set(GENERATION_SETTINGS)):
+            raise ValueError(f"generation_defaults has unknown keys {unknown}; known: {list(GENERATION_SETTINGS)}")
         self.register_modules(
             vae=vae,
             transformer=transformer,
@@ -86,17 +92,44 @@ class T2VPipeline(DiffusionPipeline):
         self.register_to_config(
             text_encoder_source=text_encoder_source,
             max_sequence_length=max_sequence_length,
-            generation_defaults={**DEFAULT_GENERATION, **(generation_defaults or {})},
+            generation_defaults=generation_defaults,
         )
         if text_encoder is None and text_encoder_source:
             # Kept out of the saved folder on purpose (e.g. a pip-installed encoder): load it by name.
             # The config entry stays (None, None), so save_pretrained keeps leaving it out.
             self.tokenizer, self.text_encoder = load_text_encoder(text_encoder_source)
-        self.vae_scale_factor_temporal, self.vae_scale_factor_spatial = vae_scale_factors(vae)
-        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+        self.video_processor = VideoProcessor(vae_scale_factor=vae_scale_factors(vae)[1])
 
-    # ------------------------------------------------------------------ inputs
-    def check_inputs(self, prompt, negative_prompt, num_frames, height, width, prompt_embeds, negative_prompt_embeds):
+    # ------------------------------------------------------------------ settings and inputs
+    def generation_settings(self, **given) -> dict:
+        """`given` (settings of GENERATION_SETTINGS) with each None taken from the saved generation defaults."""
+        if unknown := sorted(set(given) - set(GENERATION_SETTINGS)):
+            raise ValueError(f"unknown generation settings {unknown}; known: {list(GENERATION_SETTINGS)}")
+        settings = {}
+        for name, value in given.items():
+            value = value if value is not None else self.config.generation_defaults.get(name)
+            if value is None:
+                raise ValueError(f"{name} is not given and this pipeline has no saved default for it "
+                                 f"(generation_defaults {self.config.generation_defaults})")
+            settings[name] = value
+        return settings
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        num_frames,
+        height,
+        width,
+        prompt_embeds,
+        negative_prompt_embeds,
+        num_inference_steps: int,
+        guidance_scale: float,
+        num_videos_per_prompt: int = 1,
+        output_type: str = "np",
+        callback_on_step_end_tensor_inputs=("latents",),
+    ):
+        """Raise ValueError for any input a call would refuse; nothing else checks them."""
         if prompt is None and prompt_embeds is None:
             raise ValueError("give either `prompt` or `prompt_embeds`")
         if prompt is not None and prompt_embeds is not None:
@@ -121,39 +154,31 @@ class T2VPipeline(DiffusionPipeline):
                 f"{source} {n_prompts} differs from negative_prompt_embeds "
                 f"batch {negative_prompt_embeds.states.shape[0]}"
             )
-        ft = self.vae_scale_factor_temporal
-        if num_frames < 1 or (num_frames - 1) % ft != 0:
-            raise ValueError(f"num_frames {num_frames} must be {ft}k+1 (1, {ft + 1}, {2 * ft + 1}, ...)")
-        pt, ph, pw = self.transformer.config.patch_size
-        latent_frames = (num_frames - 1) // ft + 1
-        if latent_frames % pt != 0:
-            raise ValueError(f"num_frames {num_frames} gives {latent_frames} latent frames, not divisible by patch {pt}")
-        for name, value, patch in (("height", height, ph), ("width", width, pw)):
-            multiple = self.vae_scale_factor_spatial * patch
-            if value < multiple or value % multiple != 0:
-                raise ValueError(
-                    f"{name} {value} must be a positive multiple of {multiple} (VAE factor "
-                    f"{self.vae_scale_factor_spatial} x patch size {patch})"
-                )
+        check_clip_shape(self.vae, self.transformer.config.patch_size, num_frames, height, width)
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps {num_inference_steps} must be at least 1")
+        if (error := guidance_error(guidance_scale)) is not None:
+            raise ValueError(error)
+        if num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt {num_videos_per_prompt} must be at least 1")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r} must be one of {', '.join(map(repr, OUTPUT_TYPES))}")
+        for k in callback_on_step_end_tensor_inputs:
+            if k not in self._callback_tensor_inputs:
+                raise ValueError(f"callback tensor input {k!r} must be one of {self._callback_tensor_inputs}")
 
     # ------------------------------------------------------------------ text
     def encode_prompt(self, prompts: list[str], device: torch.device) -> TextEmbeddings:
+        """Prompts through the pipeline's text encoders by `TextEmbedder`, as training embeds its captions."""
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this pipeline has no text encoder: pass `prompt_embeds`, or load one")
-        out = encode_text(self.tokenizer, self.text_encoder, prompts, self.config.max_sequence_length, device)
-        if self.text_encoder_2 is not None:
-            out.pooled = encode_text(self.tokenizer_2, self.text_encoder_2, prompts, 77, device).pooled
-        return out
+        embedder = TextEmbedder(self.tokenizer, self.text_encoder, self.config.max_sequence_length,
+                                self.tokenizer_2, self.text_encoder_2)
+        return embedder(prompts, device)
 
     # ------------------------------------------------------------------ latents
     def prepare_latents(self, batch_size, num_frames, height, width, dtype, device, generator, latents=None):
-        shape = (
-            batch_size,
-            self.transformer.config.in_channels,
-            (num_frames - 1) // self.vae_scale_factor_temporal + 1,
-            height // self.vae_scale_factor_spatial,
-            width // self.vae_scale_factor_spatial,
-        )
+        shape = (batch_size, *latent_shape(self.vae, num_frames, height, width))  # (B, C, T', H', W')
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
@@ -162,11 +187,12 @@ class T2VPipeline(DiffusionPipeline):
             raise ValueError(f"got {len(generator)} generators for an effective batch of {batch_size}")
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
-    def _set_timesteps(self, num_inference_steps: int, num_tokens: int, device):
+    def _set_timesteps(self, num_inference_steps: int, num_frames: int, height: int, width: int, device):
         config = self.scheduler.config
         if config.get("use_dynamic_shifting", False):
-            mu = calculate_shift(
-                num_tokens,
+            _, *latent_size = latent_shape(self.vae, num_frames, height, width)
+            mu = shift_mu(
+                num_tokens(latent_size, self.transformer.config.patch_size),
                 config.get("base_image_seq_len", 256),
                 config.get("max_image_seq_len", 4096),
                 config.get("base_shift", 0.5),
@@ -217,24 +243,15 @@ class T2VPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
-        defaults = self.config.generation_defaults
-        num_frames = num_frames if num_frames is not None else defaults["num_frames"]
-        height = height if height is not None else defaults["height"]
-        width = width if width is not None else defaults["width"]
-        steps = num_inference_steps if num_inference_steps is not None else defaults["num_inference_steps"]
-        guidance_scale = guidance_scale if guidance_scale is not None else defaults["guidance_scale"]
-        if output_type not in ("np", "pt", "pil", "latent"):
-            raise ValueError(f"output_type {output_type!r} must be one of 'np', 'pt', 'pil', 'latent'")
-        if steps < 1:
-            raise ValueError(f"num_inference_steps {steps} must be at least 1")
-        if num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt {num_videos_per_prompt} must be at least 1")
-        for k in callback_on_step_end_tensor_inputs:
-            if k not in self._callback_tensor_inputs:
-                raise ValueError(f"callback tensor input {k!r} must be one of {self._callback_tensor_inputs}")
+        settings = self.generation_settings(num_frames=num_frames, height=height, width=width,
+                                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        num_frames, height, width = settings["num_frames"], settings["height"], settings["width"]
+        steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
 
         # 1. check inputs
-        self.check_inputs(prompt, negative_prompt, num_frames, height, width, prompt_embeds, negative_prompt_embeds)
+        self.check_inputs(prompt, negative_prompt, num_frames, height, width, prompt_embeds, negative_prompt_embeds,
+                          steps, guidance_scale, num_videos_per_prompt, output_type,
+                          callback_on_step_end_tensor_inputs)
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
 
@@ -252,13 +269,8 @@ class T2VPipeline(DiffusionPipeline):
                 negative_prompt_embeds = self.encode_prompt(negatives, device)
             uncond = _repeat(negative_prompt_embeds, num_videos_per_prompt)
 
-        # 3. timesteps
-        pt, ph, pw = self.transformer.config.patch_size
-        latent_t = (num_frames - 1) // self.vae_scale_factor_temporal + 1
-        num_tokens = (latent_t // pt) * (height // self.vae_scale_factor_spatial // ph) * (
-            width // self.vae_scale_factor_spatial // pw
-        )
-        timesteps = self._set_timesteps(steps, num_tokens, device)
+        # 3. timesteps (shifted by the token count when the scheduler shifts dynamically, as training does)
+        timesteps = self._set_timesteps(steps, num_frames, height, width, device)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
 
@@ -324,4 +336,4 @@ def _repeat(embeds: TextEmbeddings, n: int) -> TextEmbeddings:
     )
 
 
-__all__ = ["T2VPipeline", "T2VPipelineOutput", "DEFAULT_GENERATION", "calculate_shift", "latent_channels"]
+__all__ = ["T2VPipeline", "T2VPipelineOutput", "GENERATION_SETTINGS", "SAMPLER_DEFAULTS"]

@@ -19,28 +19,15 @@ from torch import nn
 from t2v.config import Config
 from t2v.data.manifest import load_manifest
 from t2v.data.streams import LoaderStream, manifest_stream, next_readable, shapes_stream
-from t2v.flow import dynamic_shift, flow_matching_loss
+from t2v.flow import flow_matching_loss, flow_shift, num_tokens
 from t2v.models.loading import build_model, load_vae
 from t2v.models.text_encoder import TextEmbedder, TextEmbeddings
-from t2v.models.vae_utils import latent_channels, normalize_latents, vae_scale_factors
+from t2v.models.vae_utils import check_clip_shape, latent_channels, normalize_latents
 from t2v.parallel.distributed import data_parallel_info
 from t2v.runtime import pick_device, seed_everything
 from t2v.train import trainer
 from t2v.train.export import build_pipeline, export_pipeline
 from t2v.train.trainable import freeze
-
-
-def check_clip_shape(frames: int, height: int, width: int, vae, dit) -> None:
-    """Raise ValueError unless the clip shape maps to latents the DiT can patchify."""
-    temporal, spatial = vae_scale_factors(vae)
-    p_t, p_h, p_w = dit.config.patch_size
-    if (frames - 1) % temporal:
-        raise ValueError(f"clip frames {frames} must be {temporal}k+1 for a VAE with {temporal}x temporal compression")
-    if ((frames - 1) // temporal + 1) % p_t:
-        raise ValueError(f"clip frames {frames} give latent frames not divisible by the patch size {p_t}")
-    for name, size, patch in (("height", height, p_h), ("width", width, p_w)):
-        if size % (spatial * patch):
-            raise ValueError(f"clip {name} {size} must be a multiple of {spatial * patch} (VAE {spatial} x patch {patch})")
 
 
 class DiTTask:
@@ -77,7 +64,7 @@ class DiTTask:
             raise ValueError(f"DiT pooled_dim={config.pooled_dim} != text encoder pooled dim {self.text.pooled_dim}")
         self.use_pooled = config.pooled_dim > 0
         for bucket in cfg.data.buckets or [cfg.data]:
-            check_clip_shape(bucket.frames, bucket.height, bucket.width, self.vae, self.model)
+            check_clip_shape(self.vae, config.patch_size, bucket.frames, bucket.height, bucket.width)
 
         # 3. data
         data = cfg.data
@@ -142,21 +129,10 @@ class DiTTask:
             text = self.text(batch["caption"])
         return normalize_latents(self.vae, z.float()), text
 
-    def num_tokens(self, latent_shape) -> int:
-        _, _, frames, height, width = latent_shape
-        p_t, p_h, p_w = self.model.config.patch_size
-        return (frames // p_t) * (height // p_h) * (width // p_w)
-
-    def shift(self, num_tokens: int) -> float:
-        flow = self.cfg.flow
-        if flow.dynamic_shift:
-            return dynamic_shift(num_tokens, flow.base_seq_len, flow.max_seq_len, flow.base_shift, flow.max_shift)
-        return flow.shift
-
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> trainer.StepOutput:
         x0, text = self.encode(batch, generator)
-        tokens = self.num_tokens(x0.shape)
-        shift = self.shift(tokens)
+        tokens = num_tokens(x0.shape[2:], self.model.config.patch_size)
+        shift = flow_shift(tokens, self.cfg.flow)  # the sampler's shift for this clip shape too
 
         def velocity(x_t, timestep, states, mask, pooled):
             return model(x_t, timestep, states, mask, pooled).sample

@@ -16,7 +16,8 @@ from t2v.train.trainable import has_lora, merge_lora
 
 
 def flow_scheduler(flow: FlowConfig) -> FlowMatchEulerDiscreteScheduler:
-    """The sampler's schedule with the training shift: exp(mu) from the token count, or the fixed shift."""
+    """The sampler's schedule with training's shift (`t2v.flow.flow_shift`): the pipeline passes mu =
+    `shift_mu` of the token count to a dynamic schedule, whose shift is then exp(mu); else the fixed shift."""
     if flow.dynamic_shift:
         return FlowMatchEulerDiscreteScheduler(
             use_dynamic_shifting=True,
@@ -29,11 +30,12 @@ def flow_scheduler(flow: FlowConfig) -> FlowMatchEulerDiscreteScheduler:
 
 
 def build_pipeline(cfg: Config, transformer, vae, embedder, for_saving: bool = False):
-    """A `T2VPipeline` over the given modules; generation defaults: the training clip shape, validation settings.
+    """A `T2VPipeline` over the given modules, which encodes prompts as `embedder` does; its saved generation
+    defaults are the training clip shape and frame rate and the validation sampler settings.
 
     With `for_saving`, the pip-installed "minilm" encoder is referenced by name instead of copied.
     """
-    from t2v.pipelines.pipeline_t2v import T2VPipeline
+    from t2v.pipelines import T2VPipeline
 
     by_name = for_saving and cfg.model.text_encoder == MINILM
     defaults = {
@@ -53,7 +55,7 @@ def build_pipeline(cfg: Config, transformer, vae, embedder, for_saving: bool = F
         text_encoder_2=embedder.encoder_2,
         tokenizer_2=embedder.tokenizer_2,
         text_encoder_source=MINILM if by_name else None,
-        max_sequence_length=cfg.model.max_text_length,
+        max_sequence_length=embedder.max_length,
         generation_defaults=defaults,
     )
 

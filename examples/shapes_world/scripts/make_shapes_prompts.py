@@ -18,7 +18,8 @@ import tempfile
 
 from tqdm.auto import tqdm
 
-from t2v.data.shapes import make_prompts, render, write_video
+from t2v.data.shapes import FPS, make_prompts, render
+from t2v.data.video import write_video
 
 
 def render_real(rows: list[dict], out_dir: str) -> None:
@@ -30,7 +31,7 @@ def render_real(rows: list[dict], out_dir: str) -> None:
         with open(os.path.join(tmp, "manifest.jsonl"), "w") as f:
             for i, row in enumerate(tqdm(rows, desc="render real", unit="clip")):
                 name = f"{i:05d}.mp4"
-                write_video(os.path.join(tmp, name), render(row["record"]))
+                write_video(os.path.join(tmp, name), render(row["record"]), FPS)
                 f.write(json.dumps({**row, "path": name}) + "\n")
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
