@@ -301,6 +301,7 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["VideoDiTBlock"]
+    _repeated_blocks = ["VideoDiTBlock"]  # what diffusers' compile_repeated_blocks() compiles, one graph per shape
 
     @register_to_config
     def __init__(
