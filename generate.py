@@ -2,8 +2,10 @@
 
     python generate.py "a large blue square moving up on a white background"
     python generate.py --prompt-file prompts.txt --out-dir outputs --steps 20 --seed 1
+    torchrun --nproc_per_node 4 generate.py --prompt-file prompts.txt --out-dir outputs
 
-Writes one video per prompt (00000.mp4, ... in prompt order) and manifest.jsonl into --out-dir.
+Writes one video per prompt (00000.mp4, ... in prompt order) and manifest.jsonl into --out-dir. Under torchrun
+the batches are split over the processes, and the videos and manifest are those of one process.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import sys
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, no usage dump
-        self.exit(2, f"generate.py: error: {message}\n")
+    def error(self, message):  # one line and exit code 2, no usage dump; under torchrun rank 0 says it, once
+        self.exit(2, f"generate.py: error: {message}\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,13 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer's blocks (the first batch pays the compilation)")
     return p
 
 
 def parse_and_check(argv: list[str] | None = None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    from t2v.generation import out_dir_error, read_prompt_file, sampler_error, seed_error
+    from t2v.generation import out_dir_error, prompts_error, read_prompt_file, sampler_error, seed_error
 
     prompts = list(args.prompts)
     if args.prompt_file:
@@ -59,8 +63,8 @@ def parse_and_check(argv: list[str] | None = None):
             parser.error(str(e))
     if not prompts:
         parser.error("no prompts: give prompts as arguments or --prompt-file FILE")
-    if any(not p.strip() for p in prompts):
-        parser.error("a prompt is empty")
+    if (error := prompts_error(prompts)) is not None:
+        parser.error(error)
     # The generation settings (steps, guidance, clip shape, fps, batch size) are checked against the model,
     # by the pipeline, before anything is written.
     if (error := seed_error(args.seed, len(prompts))) is not None:
@@ -100,12 +104,19 @@ def _warn_long_prompts(pipe, prompts: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser, args, prompts = parse_and_check(argv)
     import torch
+    import torch.distributed as dist
 
     import t2v
-    from t2v.generation import GenerationSettings, generate_to_folder, set_sampler
+    from t2v.generation import GenerationSettings, compile_transformer, generate_to_folder, set_sampler
+    from t2v.parallel.distributed import init_distributed
     from t2v.pipelines import T2VPipeline
 
+    # Under torchrun every process checks the same arguments; then they join one group (its CUDA device is
+    # this process's LOCAL_RANK) and share out the batches.
+    rank, world_size = init_distributed()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{torch.cuda.current_device()}"
     try:
         torch.device(device)
     except RuntimeError:
@@ -124,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     set_sampler(pipe, args.shift, args.solver)
+    if args.compile:
+        compile_transformer(pipe)
     settings = GenerationSettings(
         num_frames=args.num_frames,
         height=args.height,
@@ -136,13 +149,18 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
     )
     seeds = [args.seed + i for i in range(len(prompts))]
-    _warn_long_prompts(pipe, prompts)
+    if rank == 0:
+        _warn_long_prompts(pipe, prompts)
     try:
-        rows = generate_to_folder(pipe, prompts, args.out_dir, seeds, settings, overwrite=args.overwrite)
+        rows = generate_to_folder(pipe, prompts, args.out_dir, seeds, settings, overwrite=args.overwrite,
+                                  distributed=world_size > 1)
     except ValueError as e:
         parser.error(str(e))
-    for row in rows:
-        print(os.path.join(args.out_dir, row["path"]), "<-", row["prompt"])
+    if rank == 0:
+        for row in rows:
+            print(os.path.join(args.out_dir, row["path"]), "<-", row["prompt"])
+    if world_size > 1:
+        dist.destroy_process_group()
     return 0
 
 

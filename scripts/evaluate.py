@@ -3,10 +3,13 @@
     python scripts/evaluate.py --prompts prompts.jsonl --model runs/x/pipeline --out eval/x --scorer clip:PATH
     python scripts/evaluate.py --stage score --videos eval/x/videos --out eval/x --scorer xclip:PATH \\
         --reference data/shapes_val
+    torchrun --nproc_per_node 4 scripts/evaluate.py --prompts prompts.jsonl --model runs/x/pipeline --out eval/x \\
+        --scorer clip:PATH
 
 generate writes one video per prompt (seed ``--seed + i``) into ``OUT/videos``; score writes ``OUT/metrics.json``,
 ``OUT/per_video.jsonl`` and ``OUT/report.html``. The stages, their inputs and their metrics:
-`t2v/eval/evaluate.py`.
+`t2v/eval/evaluate.py`. Under torchrun the generate stage splits the batches over the processes (the videos
+and manifest are those of one process) and rank 0 scores.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ import argparse
 import os
 import sys
 
+import torch.distributed as dist
+
 from t2v.eval.evaluate import generate_stage, read_prompts, score_stage
 from t2v.eval.scorers import parse_scorer_spec
 from t2v.generation import GenerationSettings, guidance_error, out_dir_error, sampler_error, seed_error
+from t2v.parallel.distributed import init_distributed
 
 STAGES = ("generate", "score", "all")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, no usage dump
-        self.exit(2, f"evaluate.py: error: {message}\n")
+    def error(self, message):  # one line and exit code 2, no usage dump; under torchrun rank 0 says it, once
+        self.exit(2, f"evaluate.py: error: {message}\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if (error := sampler_error(args.shift, args.solver)) is not None:
         parser.error(f"--shift {args.shift} --solver {args.solver}: {error}")
 
+    rank, world_size = init_distributed()  # (0, 1) without torchrun
     try:
         videos_dir = args.videos or os.path.join(args.out, "videos")
         if args.stage in ("generate", "all"):
@@ -109,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             videos_dir = generate_stage(args.model, args.prompts, args.out, settings, seed=args.seed,
                                         shift=args.shift, solver=args.solver, device=args.device, dtype=args.dtype,
-                                        overwrite=args.overwrite)
-            print(f"videos in {videos_dir}")
-        if args.stage in ("score", "all"):
+                                        overwrite=args.overwrite, distributed=world_size > 1)
+            if rank == 0:
+                print(f"videos in {videos_dir}")
+        if args.stage in ("score", "all") and rank == 0:
             metrics = score_stage(videos_dir, args.out, args.scorer, reference=args.reference, device=args.device,
                                   shape_rule=args.shape_rule, dynamic_threshold=args.dynamic_threshold,
                                   r_precision_distractors=args.r_precision_distractors,
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"metrics in {os.path.join(args.out, 'metrics.json')}, report in {os.path.join(args.out, 'report.html')}")
     except ValueError as e:
         parser.error(str(e))
+    if world_size > 1:
+        dist.destroy_process_group()
     return 0
 
 

@@ -1,17 +1,26 @@
-"""Prompts in, video files out: the shared core of generate.py and the evaluation run."""
+"""Prompts in, video files out: the shared core of generate.py, the web app and the evaluation run.
+
+`check_generation` holds every check of a request, `sample_videos` is one pipeline call on a batch, and
+`generate_to_folder` writes a folder of videos with its manifest, in one process or split over the ranks of a
+process group.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from t2v.data.video import VIDEO_FORMATS, write_video
 
@@ -79,6 +88,14 @@ def set_sampler(pipe, shift: float | None = None, solver: str | None = None) -> 
                                                           use_dynamic_shifting=False)
 
 
+def compile_transformer(pipe) -> None:
+    """torch.compile each repeated block of the pipeline's transformer in place (diffusers'
+    `compile_repeated_blocks`; one graph serves every block of a shape, as `train.compile` does in training).
+    The first call of a clip shape pays the compilation; weights and outputs stay those of the eager model, up to
+    float rounding."""
+    pipe.transformer.compile_repeated_blocks()
+
+
 def seed_error(seed: int, count: int) -> str | None:
     """Why seeds seed, seed + 1, ..., seed + count - 1 cannot all seed a torch generator, or None."""
     if seed < 0 or seed + count - 1 > MAX_SEED:
@@ -126,6 +143,76 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+def prompts_error(prompts: list[str]) -> str | None:
+    """Why these prompts cannot be generated (none, or one empty), or None."""
+    if not prompts:
+        return "no prompts given"
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            return "the prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty"
+    return None
+
+
+def check_generation(pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings | None = None,
+                     extra: list[dict] | None = None) -> GenerationSettings:
+    """`settings` resolved against `pipe`'s saved defaults, after every check a generation makes: the prompts,
+    one seed each in [0, MAX_SEED], the pipeline's `check_inputs` (clip shape, steps, guidance), format, batch size
+    and fps. Raises ValueError naming the bad value; nothing is sampled or written."""
+    if (error := prompts_error(prompts)) is not None:
+        raise ValueError(error)
+    settings = (settings or GenerationSettings()).resolved(pipe)
+    pipe.check_inputs(prompts, settings.negative_prompt, settings.num_frames, settings.height, settings.width, None,
+                      None, settings.num_inference_steps, settings.guidance_scale)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed {seed!r} must be a whole number in [0, {MAX_SEED}]")
+    if settings.format not in VIDEO_FORMATS:
+        raise ValueError(f"video format {settings.format!r} must be one of {VIDEO_FORMATS}")
+    if settings.batch_size < 1:
+        raise ValueError(f"batch size {settings.batch_size} must be at least 1")
+    if settings.fps < 1:
+        raise ValueError(f"fps {settings.fps} must be at least 1")
+    if extra is not None and len(extra) != len(prompts):
+        raise ValueError(f"got {len(extra)} extra rows for {len(prompts)} prompts")
+    return settings
+
+
+def sample_videos(pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings,
+                  on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """One call of the pipeline on `prompts` (one batch; `settings` as `check_generation` returns them), each
+    prompt's noise from a generator seeded by its own seed. Returns uint8 videos (B, F, H, W, 3).
+    `on_step(done, total)` is called after every denoising step (the pipeline's step callback)."""
+    callback = None
+    if on_step is not None:
+        def callback(pipe, i, t, tensors):
+            on_step(i + 1, settings.num_inference_steps)
+            return tensors
+
+    generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+    frames = pipe(
+        prompt=list(prompts),
+        negative_prompt=settings.negative_prompt,
+        num_frames=settings.num_frames,
+        height=settings.height,
+        width=settings.width,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+        generator=generators,
+        output_type="np",
+        callback_on_step_end=callback,
+    ).frames  # (B, F, H, W, 3) in [0, 1]
+    return (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def manifest_row(prompt: str, seed: int, path: str, settings: GenerationSettings, extra: dict | None = None) -> dict:
+    """A video's line of manifest.jsonl: its prompt, seed, file name and every setting it was made with."""
+    row = {"prompt": prompt, "seed": int(seed), "path": path, **asdict(settings)}
+    row.pop("batch_size")
+    return {**row, **(extra or {})}
+
+
 def video_name(index: int, fmt: str) -> str:
     return f"{index:05d}.{fmt}"
 
@@ -139,35 +226,97 @@ def generate_to_folder(
     extra: list[dict] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    distributed: bool = False,
 ) -> list[dict]:
-    """Generate one video per prompt (own seed each) into `out_dir` with `manifest.jsonl`.
+    """Generate one video per prompt (own seed each) into `out_dir` with `manifest.jsonl`; returns its rows.
 
     Videos are named by prompt order (00000.mp4, ...). `out_dir` must be new or empty unless `overwrite`, which
     replaces files of the same names and removes nothing. One generation at a time writes into a folder (a
     lock file names its process; a dead process's lock is taken over). Everything is written in a temporary
     folder inside `out_dir` (the same filesystem, so the final moves are renames) and moved in only when all
     videos exist, so an interrupted run leaves nothing half-written; its leftovers are removed by the next run.
-    `extra` adds per-prompt fields to the manifest rows (e.g. a ground-truth record). Every setting is resolved
-    and checked by the pipeline (`generation_settings`, `check_inputs`) before anything is written.
+    `extra` adds per-prompt fields to the manifest rows (e.g. a ground-truth record). Every input is checked
+    (`check_generation`) before anything is written.
+
+    `distributed`: every rank of the initialized default process group calls this with the same arguments and
+    samples its share of the batches; see `_generate_over_ranks`.
     """
-    if not prompts:
-        raise ValueError("no prompts given")
-    settings = (settings or GenerationSettings()).resolved(pipe)
-    pipe.check_inputs(prompts, settings.negative_prompt, settings.num_frames, settings.height, settings.width, None,
-                      None, settings.num_inference_steps, settings.guidance_scale)
-    if len(seeds) != len(prompts):
-        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-    if settings.format not in VIDEO_FORMATS:
-        raise ValueError(f"video format {settings.format!r} must be one of {VIDEO_FORMATS}")
-    if settings.batch_size < 1:
-        raise ValueError(f"batch size {settings.batch_size} must be at least 1")
-    if settings.fps < 1:
-        raise ValueError(f"fps {settings.fps} must be at least 1")
-    if extra is not None and len(extra) != len(prompts):
-        raise ValueError(f"got {len(extra)} extra rows for {len(prompts)} prompts")
+    settings = check_generation(pipe, prompts, seeds, settings, extra)
+    out_dir = Path(out_dir)
+    # The batches are those of a one-process run, so a prompt is always sampled beside the same prompts.
+    batches = [range(start, min(start + settings.batch_size, len(prompts)))
+               for start in range(0, len(prompts), settings.batch_size)]
+    job = (pipe, prompts, seeds, settings, extra, progress)
+    if distributed:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed generation needs an initialized torch.distributed process group")
+        if dist.get_world_size() > 1:
+            return _generate_over_ranks(job, batches, out_dir, overwrite)
+    with _output_folder(out_dir, overwrite) as tmp:
+        rows = _write_batches(job, batches, tmp)
+        ordered = [rows[i] for i in range(len(prompts))]
+        _publish(tmp, out_dir, ordered)
+    return ordered
+
+
+def _generate_over_ranks(job: tuple, batches: list[range], out_dir: Path, overwrite: bool) -> list[dict]:
+    """Batch b goes to rank b mod N. Whole batches, not single prompts, are split so that every prompt is sampled
+    in the same batch as in a one-process run: batched arithmetic rounds differently from unbatched, and this
+    way N processes write byte-identical videos to one process (at the same thread count). Rank 0 makes and
+    locks the folder and its temporary folder; every rank writes its videos there; after all have finished
+    (an all-gather of their rows, which is the barrier), rank 0 writes the one manifest in prompt order and
+    moves everything in. A failure on any rank fails every rank, and nothing is moved in."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with contextlib.ExitStack() as folder:
+        # 1. rank 0 takes the folder; every rank learns the temporary folder, or why the folder is refused
+        shared: list = [None]
+        if rank == 0:
+            try:
+                shared = [str(folder.enter_context(_output_folder(out_dir, overwrite)))]
+            except ValueError as e:
+                shared = [e]
+        dist.broadcast_object_list(shared, src=0)
+        if isinstance(shared[0], ValueError):
+            raise shared[0]
+        tmp = Path(shared[0])
+
+        # 2. each rank samples its own batches
+        try:
+            mine, failure = _write_batches(job, batches[rank::world], tmp, tag=f"rank {rank}: "), None
+        except Exception as e:  # reported to every rank below, then raised here with its traceback
+            mine, failure = {}, e
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, (mine, None if failure is None else f"{type(failure).__name__}: {failure}"))
+        if failure is not None:
+            raise failure
+        for other, (_, message) in enumerate(everyone):
+            if message is not None:
+                raise RuntimeError(f"generation failed on rank {other}: {message}")
+        rows = {i: row for part, _ in everyone for i, row in part.items()}
+        ordered = [rows[i] for i in range(len(rows))]
+
+        # 3. rank 0 writes the manifest, moves everything in and releases the folder; then every rank returns
+        outcome: list = [None]
+        if rank == 0:
+            try:
+                _publish(tmp, out_dir, ordered)
+                folder.close()
+            except Exception as e:
+                outcome = [f"{type(e).__name__}: {e}"]
+                dist.broadcast_object_list(outcome, src=0)
+                raise
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise RuntimeError(f"rank 0 could not write the output folder: {outcome[0]}")
+    return ordered
+
+
+@contextlib.contextmanager
+def _output_folder(out_dir: Path, overwrite: bool):
+    """Check `out_dir`, make it if new, lock it, remove an interrupted run's leftovers, and yield a new temporary
+    folder inside it. On exit the temporary folder and the lock go, and a new folder left empty is removed."""
     if (error := out_dir_error(out_dir, overwrite)) is not None:
         raise ValueError(error)
-    out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = None
@@ -178,7 +327,11 @@ def generate_to_folder(
             raise ValueError(error)
         for leftover in out_dir.glob(f"{TEMP_PREFIX}*"):  # of an interrupted run; no other writer holds the lock
             shutil.rmtree(leftover, ignore_errors=True)
-        return _generate_into(pipe, prompts, out_dir, seeds, settings, extra, progress)
+        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out_dir))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
         if lock is not None:
             lock.unlink(missing_ok=True)
@@ -240,45 +393,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _generate_into(pipe, prompts, out_dir: Path, seeds, settings, extra, progress) -> list[dict]:
-    rows = []
-    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out_dir))
-    try:
-        for start in range(0, len(prompts), settings.batch_size):
-            batch = list(range(start, min(start + settings.batch_size, len(prompts))))
-            generators = [torch.Generator(device="cpu").manual_seed(int(seeds[i])) for i in batch]
-            out = pipe(
-                prompt=[prompts[i] for i in batch],
-                negative_prompt=settings.negative_prompt,
-                num_frames=settings.num_frames,
-                height=settings.height,
-                width=settings.width,
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                generator=generators,
-                output_type="np",
-            ).frames  # (B, F, H, W, 3) in [0, 1]
-            videos = (np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8)
-            for j, i in enumerate(batch):
-                name = video_name(i, settings.format)
-                write_video(tmp / name, videos[j], settings.fps)
-                row = {"prompt": prompts[i], "seed": int(seeds[i]), "path": name, **_settings_row(settings)}
-                if extra is not None:
-                    row.update(extra[i])
-                rows.append(row)
-            if progress:
-                print(f"generated {len(rows)}/{len(prompts)} videos", flush=True)
-        with open(tmp / "manifest.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, allow_nan=False) + "\n")
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "manifest.jsonl"):  # manifest last
-            os.replace(item, out_dir / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _write_batches(job: tuple, batches: list[range], tmp: Path, tag: str = "") -> dict[int, dict]:
+    """Sample `batches` (prompt indices) and write their videos into `tmp`; returns {prompt index: manifest row}."""
+    pipe, prompts, seeds, settings, extra, progress = job
+    rows = {}
+    total = sum(len(batch) for batch in batches)
+    for batch in batches:
+        videos = sample_videos(pipe, [prompts[i] for i in batch], [seeds[i] for i in batch], settings)
+        for video, i in zip(videos, batch):
+            name = video_name(i, settings.format)
+            write_video(tmp / name, video, settings.fps)
+            rows[i] = manifest_row(prompts[i], seeds[i], name, settings, None if extra is None else extra[i])
+        if progress:
+            print(f"{tag}generated {len(rows)}/{total} videos", flush=True)
     return rows
 
 
-def _settings_row(settings: GenerationSettings) -> dict:
-    row = asdict(settings)
-    row.pop("batch_size")
-    return row
+def _publish(tmp: Path, out_dir: Path, rows: list[dict]) -> None:
+    """Write manifest.jsonl into `tmp` and move everything in `tmp` into `out_dir`, the manifest last."""
+    with open(tmp / "manifest.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "manifest.jsonl"):
+        os.replace(item, out_dir / item.name)

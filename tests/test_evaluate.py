@@ -218,3 +218,34 @@ def test_failed_report_leaves_no_metrics(clip_dir, shapes_folder, tmp_path, monk
     with pytest.raises(ValueError, match="report failed"):  # the script answers it in one line, exit code 2
         evaluate.score_stage(str(shapes_folder), str(out), f"clip:{clip_dir}")
     assert not (out / "metrics.json").exists() and not (out / "per_video.jsonl").exists()
+
+
+def test_generate_stage_on_two_processes_writes_what_one_does(tmp_path):
+    import socket
+
+    from helpers import tiny_pipeline
+
+    model = tmp_path / "model"
+    tiny_pipeline().save_pretrained(model)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n"
+                               for p, c in [("a red circle", "a"), ("a blue square", "a"), ("a green triangle", "b")]))
+    args = ["--stage", "generate", "--prompts", prompts, "--model", model, "--steps", "1", "--seed", "5",
+            "--batch-size", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "T2V_DIST_TIMEOUT_MINUTES": "3",
+           "PYTHONPATH": os.getcwd()}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port)]
+    for launcher, out in (([sys.executable], tmp_path / "one"), (torchrun, tmp_path / "two")):
+        r = subprocess.run([*launcher, str(SCRIPT), *map(str, args), "--out", str(out)], capture_output=True,
+                           text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("videos in") == 1
+    names = sorted(p.name for p in (tmp_path / "one" / "videos").iterdir())
+    assert names == ["00000.mp4", "00001.mp4", "00002.mp4", "manifest.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two" / "videos").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "two" / "videos" / name).read_bytes() == (tmp_path / "one" / "videos" / name).read_bytes()

@@ -235,3 +235,85 @@ def test_generation_reads_unset_settings_from_the_pipeline_and_checks_before_wri
         with pytest.raises(ValueError, match=match):
             generate_to_folder(bare, ["a"], tmp_path / "new", [0], settings, progress=False)
         assert not (tmp_path / "new").exists()
+
+
+def _torchrun_env() -> dict:
+    # One thread in every process (torchrun's own default), so one process and two do the same arithmetic.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), "T2V_DIST_TIMEOUT_MINUTES": "3"}
+
+
+def _torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+                "127.0.0.1", "--master_port", str(port)]
+    return subprocess.run([*launcher, "generate.py", *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env=_torchrun_env())
+
+
+def test_two_processes_write_the_videos_and_manifest_of_one(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square moving up\na green triangle\na small red square\na circle\n")
+    args = ["--prompt-file", prompts, "--model", model_dir, "--seed", 7, "--steps", 2, "--batch-size", 2]
+    one = subprocess.run([sys.executable, "generate.py", *map(str, args), "--out-dir", tmp_path / "one"],
+                         capture_output=True, text=True, timeout=300, env=_torchrun_env())
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(2, *args, "--out-dir", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    names = ["00000.mp4", "00001.mp4", "00002.mp4", "00003.mp4", "00004.mp4", "manifest.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == names  # no lock, no temporary folder
+    for name in names:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    # Batches 0 and 2 went to rank 0, batch 1 to rank 1; rank 0 prints the paths once.
+    assert "rank 0: generated 3/3 videos" in two.stdout and "rank 1: generated 2/2 videos" in two.stdout
+    assert two.stdout.count("<-") == 5
+
+    # The folder rules hold: a folder that holds files is refused in one line (rank 0's), nothing changes.
+    again = _torchrun(2, *args, "--out-dir", tmp_path / "two")
+    assert again.returncode != 0 and again.stderr.count("generate.py: error:") == 1, again.stderr[-3000:]
+    assert "--overwrite" in again.stderr
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == names
+
+
+FAILING_RANK = """
+import sys
+import torch.distributed as dist
+sys.path.insert(0, "tests")
+from helpers import tiny_pipeline
+import t2v.generation as generation
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+if rank == 1:
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    generation.write_video = broken
+settings = generation.GenerationSettings(num_inference_steps=1, batch_size=1, format="gif")
+try:
+    generation.generate_to_folder(tiny_pipeline(), ["a", "b", "c"], sys.argv[1], [0, 1, 2], settings,
+                                  progress=False, distributed=True)
+except Exception as e:
+    print(f"rank {rank} raised {type(e).__name__}: {e}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_failure_on_one_rank_fails_every_rank_and_writes_nothing(tmp_path):
+    import socket
+
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), str(script), str(out)],
+                       capture_output=True, text=True, timeout=300, env=_torchrun_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 1 raised OSError: disk full" in r.stdout
+    assert "rank 0 raised RuntimeError: generation failed on rank 1: OSError: disk full" in r.stdout
+    assert not out.exists()  # rank 0 removed its temporary folder, its lock and the new folder

@@ -117,9 +117,12 @@ def generate_stage(
     device: str | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
+    distributed: bool = False,
 ) -> str:
     """One video per prompt of `prompts_path` (prompt i with seed `seed + i`) into ``out/videos``; returns that
-    folder. `shift`/`solver` replace the model's sampler; `dtype` defaults to float32 on CPU, bfloat16 on CUDA."""
+    folder. `shift`/`solver` replace the model's sampler; `dtype` defaults to float32 on CPU, bfloat16 on CUDA.
+    `distributed`: every rank of the initialized process group calls this and samples its share of the batches
+    (`t2v.generation.generate_to_folder`); "cuda" is each rank's current device."""
     from t2v.pipelines import T2VPipeline
 
     rows = read_prompts(prompts_path)
@@ -137,7 +140,7 @@ def generate_stage(
     videos_dir = os.path.join(out, "videos")
     seeds = [seed + i for i in range(len(rows))]
     generate_to_folder(pipe, [row["prompt"] for row in rows], videos_dir, seeds, settings, extra=extra,
-                       overwrite=overwrite)
+                       overwrite=overwrite, distributed=distributed)
     return videos_dir
 
 
