@@ -78,17 +78,6 @@ def parse_and_check(argv: list[str] | None = None):
     return parser, args, prompts
 
 
-def _quiet_loading() -> None:
-    # Loading reports and progress bars of the libraries would bury our own one-line messages.
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def _warn_long_prompts(pipe, prompts: list[str]) -> None:
     """One line on stderr for each prompt longer than the text encoder reads (it is cut, not refused)."""
     if pipe.tokenizer is None:
@@ -107,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     import t2v
-    from t2v.generation import GenerationSettings, compile_transformer, generate_to_folder, set_sampler
+    from t2v.generation import (
+        GenerationSettings,
+        compile_transformer,
+        generate_to_folder,
+        quiet_loading,
+        set_sampler,
+    )
     from t2v.parallel.distributed import init_distributed
     from t2v.pipelines import T2VPipeline
 
@@ -130,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
         parser.error(f"model folder {model_dir!r} has no model_index.json (not a diffusers pipeline folder)")
 
-    _quiet_loading()
+    quiet_loading()
     pipe = T2VPipeline.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -88,6 +88,18 @@ def set_sampler(pipe, shift: float | None = None, solver: str | None = None) -> 
                                                           use_dynamic_shifting=False)
 
 
+def quiet_loading() -> None:
+    """Silence the loading reports and progress bars of diffusers and transformers, which would bury an entry
+    point's own one-line messages."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def compile_transformer(pipe) -> None:
     """torch.compile each repeated block of the pipeline's transformer in place (diffusers'
     `compile_repeated_blocks`; one graph serves every block of a shape, as `train.compile` does in training).
