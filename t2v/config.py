@@ -44,6 +44,8 @@ class ModelConfig:
     # Text encoders: "minilm", "tiny-random", a local path or a hub id; text_encoder_2 "" = none.
     text_encoder: str = "tiny-random"
     text_encoder_2: str = ""
+    # dtype the text encoders run in: fp32, bf16 or fp16 (fp16 only on a GPU).
+    text_encoder_dtype: str = "fp32"
     max_text_length: int = 77
     gradient_checkpointing: bool = False
     # LoRA rank; 0 trains the full model.
@@ -58,6 +60,7 @@ class ModelConfig:
             raise ValueError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tune)")
         if self.max_text_length < 1:
             raise ValueError(f"model.max_text_length={self.max_text_length} must be >= 1")
+        _check_choice("model.text_encoder_dtype", self.text_encoder_dtype, MIXED_PRECISION)
 
 
 @dataclass

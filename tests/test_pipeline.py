@@ -218,11 +218,13 @@ def test_text_padding_is_cut_once_and_changes_nothing(pipe):
                                                                               e.states.shape[2])], 1),
                               mask=torch.cat([e.mask, e.mask.new_zeros(e.mask.shape[0], extra)], 1), pooled=e.pooled)
 
-    states, mask, _ = _text_batch(embeds, negative)  # uncond rows first
+    text = _text_batch(embeds, negative)  # uncond rows first
+    states, mask = text.states, text.mask
     longest = int(torch.cat([negative.mask, embeds.mask]).sum(1).max())
     assert states.shape[:2] == (4, longest) and mask.shape == (4, longest)
     assert mask[:2].sum() < mask[2:].sum()  # the empty negative prompt keeps its padding mask
-    states, mask, _ = _text_batch(TextEmbeddings(embeds.states[1:], embeds.mask[1:], embeds.pooled[1:]), None)
+    text = _text_batch(TextEmbeddings(embeds.states[1:], embeds.mask[1:], embeds.pooled[1:]), None)
+    states, mask = text.states, text.mask
     assert mask is None and states.shape[1] == int(embeds.mask[1].sum())  # all real: no mask
 
     run = dict(generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=3)

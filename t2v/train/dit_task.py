@@ -21,7 +21,7 @@ from t2v.data.manifest import load_manifest
 from t2v.data.streams import LoaderStream, manifest_stream, next_readable, shapes_stream
 from t2v.flow import flow_matching_loss, flow_shift, num_tokens
 from t2v.models.loading import build_model, load_vae
-from t2v.models.text_encoder import TextEmbedder, TextEmbeddings
+from t2v.models.text_encoder import TextEmbedder, TextEmbeddings, text_encoder_dtype
 from t2v.models.vae_utils import check_clip_shape, latent_channels, normalize_latents
 from t2v.parallel.distributed import data_parallel_info
 from t2v.runtime import pick_device, seed_everything
@@ -49,7 +49,8 @@ class DiTTask:
             self.vae.use_framewise_encoding = False
         self.text = freeze(
             TextEmbedder.from_pretrained(
-                cfg.model.text_encoder, cfg.model.text_encoder_2 or None, max_length=cfg.model.max_text_length
+                cfg.model.text_encoder, cfg.model.text_encoder_2 or None, max_length=cfg.model.max_text_length,
+                dtype=text_encoder_dtype(cfg.model.text_encoder_dtype, self.device),
             )
         ).to(self.device)
 
