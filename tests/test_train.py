@@ -16,7 +16,7 @@ from t2v.config import load_config
 from t2v.models.loading import resolve_model_spec
 from t2v.runtime import autocast_dtype
 from t2v.train import checkpoint as ckpt
-from t2v.train import trainer
+from t2v.train import rng, trainer
 from t2v.train.logger import read_metrics
 from t2v.train.optim import lr_factor
 from t2v.train.trainable import compile_model, prepare_trainable
@@ -189,10 +189,10 @@ def test_optimizer_and_rng_state_round_trip():
     assert fresh.param_groups[0]["lr"] == 0.1
 
     generator = torch.Generator().manual_seed(3)
-    rng_tensors, rng_meta = ckpt.capture_rng({"train": generator})
+    rng_tensors, rng_meta = rng.capture_process_rng({"train": generator})
     rng_meta = json.loads(json.dumps(rng_meta))
     expected = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), random.random())
-    ckpt.restore_rng(rng_tensors, rng_meta, {"train": generator})
+    rng.restore_process_rng(rng_tensors, rng_meta, {"train": generator})
     again = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), random.random())
     assert expected[0] == again[0] and expected[3] == again[3]
     assert torch.equal(expected[1], again[1]) and torch.equal(expected[2], again[2])
