@@ -16,7 +16,7 @@ from t2v.config import load_config
 from t2v.models.loading import resolve_model_spec
 from t2v.runtime import autocast_dtype
 from t2v.train import checkpoint as ckpt
-from t2v.train import trainer
+from t2v.train import rng, trainer
 from t2v.train.logger import read_metrics
 from t2v.train.optim import lr_factor
 from t2v.train.trainable import compile_model, prepare_trainable
@@ -189,10 +189,10 @@ def test_optimizer_and_rng_state_round_trip():
     assert fresh.param_groups[0]["lr"] == 0.1
 
     generator = torch.Generator().manual_seed(3)
-    rng_tensors, rng_meta = ckpt.capture_rng({"train": generator})
+    rng_tensors, rng_meta = rng.capture_process_rng({"train": generator})
     rng_meta = json.loads(json.dumps(rng_meta))
     expected = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), random.random())
-    ckpt.restore_rng(rng_tensors, rng_meta, {"train": generator})
+    rng.restore_process_rng(rng_tensors, rng_meta, {"train": generator})
     again = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), random.random())
     assert expected[0] == again[0] and expected[3] == again[3]
     assert torch.equal(expected[1], again[1]) and torch.equal(expected[2], again[2])
@@ -834,3 +834,23 @@ def test_model_presets_are_package_data():
     assert {"tiny", "shapes", "1.3b"} <= set(preset_names("dit")) and "tiny" in preset_names("vae")
     with pytest.raises(ValueError, match=r"model.dit='huge' is not a folder, a YAML file or a preset; presets: \["):
         resolve_model_spec("huge", "dit")
+
+
+def test_a_checkpoint_from_before_the_redesign_resumes_exactly(tmp_path):
+    """A checkpoint written before the library was reorganised still loads: resuming its step 1 with today's
+    code gives the old run's step-2 weights and EMA bit for bit (tests/fixtures/checkpoint_before_redesign)."""
+    import shutil
+
+    from t2v.train.dit_task import train_dit
+
+    fixture = ROOT / "tests" / "fixtures" / "checkpoint_before_redesign"
+    shutil.copytree(fixture / "data", tmp_path / "data")
+    shutil.copytree(fixture / "step-1", tmp_path / "run" / "checkpoints" / "step-1")
+    train_dit(debug_config(DEBUG, tmp_path / "run", tmp_path / "data" / "manifest.csv", "resume=latest",
+                           "train.max_steps=2", "train.ckpt_every=1", "train.log_every=1", "train.validate_every=0"))
+    for group in ("model", "ema"):
+        old = load_file(str(fixture / f"step-2-{group}.safetensors"))
+        new = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / f"{group}.safetensors"))
+        assert old.keys() == new.keys()
+        for name in old:
+            assert torch.equal(old[name], new[name]), f"{group} {name} differs from the old code's step 2"
