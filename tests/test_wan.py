@@ -429,6 +429,15 @@ def test_generate_runs_on_a_wan_folder(wan_folder, tmp_path):
     assert iio.imread(out / row["path"], plugin="pyav").shape == (9, 16, 16, 3)
 
 
+def test_wan_folder_loads_in_the_dtype_asked(wan_folder):
+    """The transformer is cast as its files are read; the other components as diffusers casts them."""
+    pipe = T2VPipeline.from_pretrained(wan_folder, dtype=torch.bfloat16)
+    assert {pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.bfloat16}
+    assert_same_state(pipe.transformer.state_dict(), transformer_from_wan(wan_folder).to(torch.bfloat16).state_dict())
+    frames = pipe(prompt="dance monkey", guidance_scale=6.0, **WAN_CALL, latents=latents(1)).frames
+    assert frames.shape == (1, 9, 16, 16, 3) and np.isfinite(frames).all()
+
+
 def test_folders_and_models_that_do_not_convert(wan_folder, tmp_path):
     two_stage = tmp_path / "wan22"
     shutil.copytree(wan_folder, two_stage)

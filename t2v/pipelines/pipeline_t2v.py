@@ -93,8 +93,8 @@ class T2VPipeline(DiffusionPipeline):
         super().__init__()
         if type(transformer).__name__ == "WanTransformer3DModel":
             raise ValueError("transformer is a diffusers WanTransformer3DModel: convert it to a VideoDiT first "
-                             "(t2v.models.wan.transformer_from_wan), or load its pipeline folder with "
-                             "T2VPipeline.from_pretrained, which converts it")
+                             "(t2v.models.wan.transformer_from_wan), or give T2VPipeline.from_pretrained the Wan "
+                             "pipeline's local folder (a hub repository downloaded first), which converts it")
         generation_defaults = {**SAMPLER_DEFAULTS, **(generation_defaults or {})}
         if unknown := sorted(set(generation_defaults) - set(GENERATION_SETTINGS)):
             raise ValueError(f"generation_defaults has unknown keys {unknown}; known: {list(GENERATION_SETTINGS)}")
@@ -117,7 +117,7 @@ class T2VPipeline(DiffusionPipeline):
             # The config entry stays (None, None), so save_pretrained keeps leaving it out.
             self.tokenizer, self.text_encoder = load_text_encoder(text_encoder_source)
         self.video_processor = VideoProcessor(vae_scale_factor=vae_scale_factors(vae)[1] if vae is not None else 8)
-        # What a call in progress exposes to its callback (diffusers' names); None outside a call.
+        # What a call exposes to its callback (diffusers' names); None before the first call.
         self._guidance_scale = self._num_timesteps = self._current_timestep = None
         self._interrupt = False
 

@@ -57,9 +57,7 @@ def wan_pipeline_kwargs(path: str | os.PathLike, kwargs: dict) -> dict:
                          "text-to-video converts")
     kwargs = dict(kwargs)
     if "transformer" not in kwargs:
-        transformer = transformer_from_wan(path)
-        dtype = component_dtype(kwargs, "transformer")
-        kwargs["transformer"] = transformer if dtype is None else transformer.to(dtype)
+        kwargs["transformer"] = transformer_from_wan(path, component_dtype(kwargs, "transformer"))
     kwargs.setdefault("max_sequence_length", WAN_MAX_SEQUENCE_LENGTH)
     kwargs.setdefault("generation_defaults", WAN_GENERATION_DEFAULTS)
     return kwargs
