@@ -445,7 +445,8 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         # Timestep, pooled-text and text-token MLPs: small normal weights, as DiT's timestep embedder.
         embedders = [self.time_embed, self.text_embed] + ([self.pooled_embed] if self.pooled_embed else [])
         for embedder in embedders:
@@ -714,8 +715,10 @@ def add_frame_conditioning(model: VideoDiT) -> VideoDiT:
     """
     if model.config.frame_conditioning:
         raise ValueError("the model already has frame_conditioning=True")
+    # Constructor arguments only: a loaded config's `_use_default_values` would reset frame_conditioning.
+    config = {key: value for key, value in model.config.items() if not key.startswith("_")}
     with torch.random.fork_rng(devices=[]):  # the discarded initialisation leaves the caller's RNG alone
-        conditioned = VideoDiT.from_config({**model.config, "frame_conditioning": True})
+        conditioned = VideoDiT.from_config({**config, "frame_conditioning": True})
     missing, unexpected = conditioned.load_state_dict(model.state_dict(), strict=False)
     if missing != ["frame_mask_embed.weight"] or unexpected:
         raise ValueError(f"cannot convert this model: missing {missing}, unexpected {unexpected}")
