@@ -14,17 +14,15 @@ Read top to bottom: helpers (timestep embedding, 3D RoPE), attention modules, th
   each with its own adaLN shift/scale/gate.
 - The model predicts the flow-matching velocity (noise - x0) at timestep = sigma * 1000.
 - Frame conditioning (`frame_conditioning=True`, off by default): given latent frames (the first for
-  image-to-video, the first k to extend a clip) sit clean in the noisy sequence, as LTX-Video and Wan 2.2
-  TI2V place them, and a mask channel appended to the input marks them (1 = given), as Wan 2.1 I2V marks
-  its given frames. The mask enters through its own zero-initialised patch embedding, so the cost is
-  patch_volume * hidden_size parameters and no extra compute in the blocks; the timestep stays one per
-  sample, so the shared modulation and sequence parallelism are unchanged (per-token timesteps, as LTX and
-  Wan 2.2 use, would make the modulation (B, N, M, D)). Wan 2.1 I2V and CogVideoX-I2V instead concatenate
-  the masked clean latents as extra channels and regenerate the given frames: twice the input width, and
-  the given frames come back only approximately. Here the sampler holds them fixed (`t2v.flow.denoise`), so
-  they come back exactly, and one model does text-to-video (no frame given), image-to-video and extension.
-  `add_frame_conditioning` turns an unconditioned model into one that computes exactly the same until
-  fine-tuned.
+  image-to-video, the first k to extend a clip) sit clean in the noisy sequence, as in LTX-Video and Wan 2.2
+  TI2V, marked by a mask channel appended to the input (as Wan 2.1 I2V marks its own), which has its own
+  zero-initialised patch embedding. That costs patch_volume * hidden_size parameters and no compute in the
+  blocks; the timestep stays one per sample, so the shared modulation and sequence parallelism are unchanged
+  (LTX's and Wan 2.2's per-token timesteps would make the modulation (B, N, M, D)). Concatenating masked
+  clean latents as channels (Wan 2.1 I2V, CogVideoX-I2V) would double the input width and regenerate the
+  given frames only approximately; here the sampler holds them (`t2v.flow.denoise`), so they come back
+  exactly, and one model does text-to-video, image-to-video and extension by any k frames.
+  `add_frame_conditioning` converts a trained unconditioned model exactly.
 - Wan 2.1 (diffusers' `WanTransformer3DModel`) is this model with five switches, whose defaults keep ours:
   QK RMS-norm across all heads, a final modulation of c plus a learned table, text padding attended rather
   than masked, RoPE angles in float64, and (optionally) no norm before cross-attention. `t2v/models/wan.py`
