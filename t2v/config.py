@@ -72,6 +72,36 @@ class BucketConfig:
 
 
 @dataclass
+class ConditionFramesConfig:
+    """Given frames in DiT training; needs a DiT with frame_conditioning (t2v.models.dit.add_frame_conditioning).
+
+    Per sample: the first latent frame is given with `image_prob` (image-to-video), the first k latent frames
+    with `extend_prob` (extension, k uniform in [extend_min, extend_max]), otherwise none (text-to-video). A
+    causal VAE's first k latent frames are its first 1 + r (k - 1) video frames (r: temporal ratio), and a
+    still image encodes to a clip's first latent frame. The loss covers only the frames not given.
+    """
+
+    image_prob: float = 0.0
+    extend_prob: float = 0.0
+    extend_min: int = 2
+    extend_max: int = 3
+
+    def __post_init__(self):
+        _check_range("data.condition_frames.image_prob", self.image_prob, 0.0, 1.0)
+        _check_range("data.condition_frames.extend_prob", self.extend_prob, 0.0, 1.0)
+        if self.image_prob + self.extend_prob > 1 + 1e-9:  # room for rounding in e.g. 0.7 + 0.3
+            raise ValueError(f"data.condition_frames.image_prob={self.image_prob} + extend_prob={self.extend_prob} "
+                             f"must be <= 1")
+        if not 1 <= self.extend_min <= self.extend_max:
+            raise ValueError(f"data.condition_frames.extend_min={self.extend_min} and extend_max={self.extend_max} "
+                             f"must satisfy 1 <= extend_min <= extend_max")
+
+    @property
+    def enabled(self) -> bool:
+        return self.image_prob > 0 or self.extend_prob > 0
+
+
+@dataclass
 class DataConfig:
     source: str = "manifest"  # manifest | cache | shapes
     manifest: str = ""  # CSV/JSONL with path, caption columns
@@ -98,6 +128,8 @@ class DataConfig:
     # VAE training: random windows of this many frames (1 + k * temporal ratio; 0 = whole clips), far cheaper
     # than whole clips while still training the temporal path.
     crop_frames: int = 0
+    # DiT training: given first frames (image-to-video, extension), see ConditionFramesConfig.
+    condition_frames: ConditionFramesConfig = field(default_factory=ConditionFramesConfig)
 
     def __post_init__(self):
         _check_choice("data.source", self.source, SOURCES)

@@ -303,12 +303,26 @@ class Interrupted(Exception):
     pass
 
 
-def test_dit_resume_is_exact(tmp_path, manifest):
-    """40 steps in one go == 20 steps, a crash, and a resume to 40: bitwise equal weights."""
+def conditioned_tiny_dit(folder) -> list[str]:
+    """Overrides that train a frame-conditioned tiny DiT with given first frames (a YAML written into folder)."""
+    from omegaconf import OmegaConf
+
+    path = Path(folder) / "dit_tiny_conditioned.yaml"
+    OmegaConf.save(OmegaConf.create({**OmegaConf.load(resolve_model_spec("tiny", "dit")), "frame_conditioning": True}),
+                   path)
+    return [f"model.dit={path}", "data.condition_frames.image_prob=0.4", "data.condition_frames.extend_prob=0.4",
+            "data.condition_frames.extend_min=2", "data.condition_frames.extend_max=2"]
+
+
+@pytest.mark.parametrize("conditioning", [False, True], ids=["plain", "conditioning"])
+def test_dit_resume_is_exact(tmp_path, manifest, conditioning):
+    """40 steps in one go == 20 steps, a crash, and a resume to 40: bitwise equal weights (also with given frames,
+    whose sampling draws from the loop's generator)."""
     from t2v.train.dit_task import DiTTask, train_dit
 
+    extra = conditioned_tiny_dit(tmp_path) if conditioning else []
     straight = tmp_path / "straight"
-    train_dit(debug_config(DEBUG, straight, manifest))
+    train_dit(debug_config(DEBUG, straight, manifest, *extra))
 
     class CrashingTask(DiTTask):
         """Fails when asked for the 21st step's batch, after step-20 was saved."""
@@ -321,9 +335,10 @@ def test_dit_resume_is_exact(tmp_path, manifest):
 
     resumed = tmp_path / "resumed"
     with pytest.raises(Interrupted):
-        trainer.train(debug_config(DEBUG, resumed, manifest), CrashingTask(debug_config(DEBUG, resumed, manifest)))
+        cfg = debug_config(DEBUG, resumed, manifest, *extra)
+        trainer.train(cfg, CrashingTask(cfg))
     assert [step for step, _ in ckpt.list_checkpoints(str(resumed / "checkpoints"))] == [20]
-    train_dit(debug_config(DEBUG, resumed, manifest, "resume=latest"))
+    train_dit(debug_config(DEBUG, resumed, manifest, *extra, "resume=latest"))
 
     for group in ("model", "ema", "optimizer"):
         a = load_file(str(straight / "checkpoints" / "step-40" / f"{group}.safetensors"))
@@ -333,7 +348,9 @@ def test_dit_resume_is_exact(tmp_path, manifest):
             assert torch.equal(a[name], b[name]), f"{group} {name} differs after resume"
     # The runs really trained: the weights moved from the initial ones.
     first = load_file(str(resumed / "checkpoints" / "step-40" / "model.safetensors"))
-    assert any(not torch.equal(first[n], v) for n, v in DiTTask(debug_config(DEBUG, tmp_path / "x", manifest)).model.state_dict().items())
+    initial = DiTTask(debug_config(DEBUG, tmp_path / "x", manifest, *extra)).model.state_dict()
+    assert any(not torch.equal(first[n], v) for n, v in initial.items())
+    assert not conditioning or first["frame_mask_embed.weight"].any()  # given frames were part of training
 
     # Run folder contents.
     rows = read_metrics(str(straight))
