@@ -102,6 +102,20 @@ class ConditionFramesConfig:
 
 
 @dataclass
+class ShapesDataConfig:
+    """The Shapes World source's own options (data.source=shapes; t2v.data.shapes renders it)."""
+
+    canonical_prob: float = 0.5  # share of canonical captions (the rest paraphrased)
+    wordings: str = "base"  # paraphrase tables: "base", or "wide" (more synonyms and sentence frames)
+    two_object_prob: float = 0.5  # share of two-object clips
+
+    def __post_init__(self):
+        _check_range("data.shapes.canonical_prob", self.canonical_prob, 0.0, 1.0)
+        _check_choice("data.shapes.wordings", self.wordings, SHAPES_WORDINGS)
+        _check_range("data.shapes.two_object_prob", self.two_object_prob, 0.0, 1.0)
+
+
+@dataclass
 class DataConfig:
     source: str = "manifest"  # manifest | cache | shapes
     manifest: str = ""  # CSV/JSONL with path, caption columns
@@ -117,12 +131,8 @@ class DataConfig:
     batch_size: int = 2
     caption_dropout: float = 0.1
     num_workers: int = 0
-    # Shapes World stream (source=shapes): share of canonical captions (the rest paraphrased).
-    canonical_prob: float = 0.5
-    # Shapes World paraphrase tables: "base", or "wide" (more synonyms and sentence frames; t2v.data.shapes).
-    wordings: str = "base"
-    # Shapes World stream (source=shapes, DiT training): share of two-object clips.
-    two_object_prob: float = 0.5
+    # The Shapes World source's options (source=shapes).
+    shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
     # Share of 1-frame (image) batches in VAE training with source=shapes.
     image_batch_prob: float = 0.0
     # VAE training: random windows of this many frames (1 + k * temporal ratio; 0 = whole clips), far cheaper
@@ -134,15 +144,10 @@ class DataConfig:
     def __post_init__(self):
         _check_choice("data.source", self.source, SOURCES)
         _check_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
-        _check_range("data.canonical_prob", self.canonical_prob, 0.0, 1.0)
-        _check_choice("data.wordings", self.wordings, SHAPES_WORDINGS)
-        if self.wordings != "base" and self.source != "shapes":
-            raise ValueError(f"data.wordings={self.wordings!r} words the Shapes World stream; it needs "
-                             f"data.source=shapes, got {self.source!r}")
-        _check_range("data.two_object_prob", self.two_object_prob, 0.0, 1.0)
-        if self.two_object_prob != 0.5 and self.source != "shapes":
-            raise ValueError(f"data.two_object_prob={self.two_object_prob} sets the Shapes World stream's mix; it "
-                             f"needs data.source=shapes, got {self.source!r}")
+        if self.shapes != ShapesDataConfig() and self.source != "shapes":
+            changed = {k: v for k, v in vars(self.shapes).items() if v != getattr(ShapesDataConfig(), k)}
+            raise ValueError(f"data.shapes {changed} sets the Shapes World stream; it needs data.source=shapes, "
+                             f"got {self.source!r}")
         _check_range("data.image_batch_prob", self.image_batch_prob, 0.0, 1.0)
         for name in ("frames", "height", "width", "batch_size"):
             if getattr(self, name) < 1:

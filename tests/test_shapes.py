@@ -410,7 +410,7 @@ def test_stream_caption_dropout_and_clip_size():
     with pytest.raises(ValueError, match=r"renders 17x64x64 clips, but data.frames/height/width = 9/64/64; set "
                                          r"them to 17/64/64"):
         shapes_stream(cfg, 0, "cpu")
-    cfg = load_config(None, ["data.source=shapes", "data.batch_size=3", "data.two_object_prob=1.0"])
+    cfg = load_config(None, ["data.source=shapes", "data.batch_size=3", "data.shapes.two_object_prob=1.0"])
     batch = next(shapes_stream(cfg, 0, "cpu"))
     assert len(batch["caption"]) == 3 and all(" and a " in c for c in batch["canonical_caption"])
 
