@@ -427,7 +427,7 @@ SCRIPTS = "examples/shapes_world/scripts"
 
 
 def test_prompt_script(tmp_path):
-    main = runpy.run_path(f"{SCRIPTS}/make_shapes_prompts.py")["main"]
+    main = runpy.run_path("scripts/make_shapes_prompts.py")["main"]
     out = tmp_path / "prompts.jsonl"
     main(["--out", str(out), "--seed", "0"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -449,7 +449,7 @@ def test_prompt_script(tmp_path):
 def test_prompt_script_renders_the_real_videos(tmp_path):
     import imageio.v3 as iio
 
-    main = runpy.run_path(f"{SCRIPTS}/make_shapes_prompts.py")["main"]
+    main = runpy.run_path("scripts/make_shapes_prompts.py")["main"]
     main(["--out", str(tmp_path / "p.jsonl"), "--per-category", "2", "--render-real", str(tmp_path / "real")])
     rows = [json.loads(line) for line in (tmp_path / "real" / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and [row["path"] for row in rows] == [f"{i:05d}.mp4" for i in range(8)]
