@@ -237,13 +237,12 @@ def test_non_wan_video_dit_is_refused():
 
 
 def convert(*argv: str) -> int:
-    import sys
+    """Run scripts/convert_wan.py's main in this process, as `python scripts/convert_wan.py ARGV` would."""
+    import runpy
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from convert_wan import main
-
-    return main(list(argv))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_wan.py"
+    return runpy.run_path(str(script))["main"](list(argv))
 
 
 def test_convert_script_round_trip(tmp_path):
