@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from t2v.cli import user_errors
 from t2v.config import load_config
+from t2v.parallel.distributed import init_distributed
 
 
 def config_hash(path: str, overrides: list[str]) -> str:
@@ -52,17 +53,14 @@ def main() -> None:
     if "WORLD_SIZE" not in os.environ:
         fail(0, "not started by a launcher (no WORLD_SIZE); run under torchrun, the deepspeed launcher or srun")
 
-    # 1. join: gloo on CPU, nccl with one GPU per local process on CUDA
+    # 1. join as training does: gloo on CPU, nccl with one GPU per local process on CUDA
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     gpus = torch.cuda.device_count()
-    if torch.cuda.is_available():
-        if gpus < local_world:
-            fail(int(os.environ["RANK"]), f"{socket.gethostname()} sees {gpus} GPUs for {local_world} local processes")
-        torch.cuda.set_device(local_rank)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available() and gpus < local_world:
+        fail(int(os.environ["RANK"]), f"{socket.gethostname()} sees {gpus} GPUs for {local_world} local processes")
     start = time.perf_counter()
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = init_distributed(timeout=datetime.timedelta(seconds=args.timeout_s))
+    backend = dist.get_backend()
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
 
     # 2. reachability: the sum of rank ids is known

@@ -15,7 +15,7 @@ def main() -> None:
     args = parser.parse_args()
     with user_errors(__file__):
         cfg = load_config(args.config, args.overrides)
-        init_distributed()  # joins the launcher's process group (torchrun); a no-op for one process
+        init_distributed(cfg.distributed.sequence_parallel_size)  # once, before the task; no-op for one process
         train_retriever(cfg)
 
 

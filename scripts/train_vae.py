@@ -15,7 +15,9 @@ def main() -> None:
     args = parser.parse_args()
     with user_errors(__file__):
         cfg = load_config(args.config, args.overrides)
-        init_distributed()  # joins the launcher's process group (torchrun, deepspeed); no-op for one process
+        # Joins the launcher's process group (torchrun, deepspeed) before the task picks its data shard; a no-op
+        # for one process.
+        init_distributed(cfg.distributed.sequence_parallel_size)
         train_vae(cfg)
 
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from t2v.models.presets import load_preset
+from t2v.runtime import peak_memory_mb
 
 PAIRS = ("dit_forward", "dit_train_step", "vae_encode", "vae_decode")
 DTYPE = torch.bfloat16
@@ -188,8 +189,9 @@ def time_interleaved(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
-    """Allocator peak (MiB) of one call of `fn` above what was allocated before it."""
+def measure_peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Allocator peak (MiB) of one call of `fn` above what was allocated before it (the process-wide peak
+    is `t2v.runtime.peak_memory_mb`)."""
     gc.collect()
     if device.type == "cuda":
         synchronize(device)
@@ -197,7 +199,7 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return peak_memory_mb(device) - before / 2**20
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -307,7 +309,7 @@ def _result(pair: str, config: BenchConfig, device: torch.device, times: dict, p
 
 def _measure(fns: dict, config: BenchConfig, device: torch.device) -> tuple[dict, dict]:
     times = time_interleaved(fns, device, config.warmup, config.repeats)
-    peaks = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
+    peaks = {name: measure_peak_memory_mb(fn, device) for name, fn in fns.items()}
     return times, peaks
 
 

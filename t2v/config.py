@@ -44,6 +44,8 @@ class ModelConfig:
     # Text encoders: "minilm", "tiny-random", a local path or a hub id; text_encoder_2 "" = none.
     text_encoder: str = "tiny-random"
     text_encoder_2: str = ""
+    # dtype the text encoders run in: fp32, bf16 or fp16 (fp16 only on a GPU).
+    text_encoder_dtype: str = "fp32"
     max_text_length: int = 77
     gradient_checkpointing: bool = False
     # LoRA rank; 0 trains the full model.
@@ -58,6 +60,7 @@ class ModelConfig:
             raise ValueError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tune)")
         if self.max_text_length < 1:
             raise ValueError(f"model.max_text_length={self.max_text_length} must be >= 1")
+        _check_choice("model.text_encoder_dtype", self.text_encoder_dtype, MIXED_PRECISION)
 
 
 @dataclass
@@ -66,6 +69,50 @@ class BucketConfig:
     height: int = 64
     width: int = 64
     batch_size: int = 2
+
+
+@dataclass
+class ConditionFramesConfig:
+    """Given frames in DiT training; needs a DiT with frame_conditioning (t2v.models.dit.add_frame_conditioning).
+
+    Per sample: the first latent frame is given with `image_prob` (image-to-video), the first k latent frames
+    with `extend_prob` (extension, k uniform in [extend_min, extend_max]), otherwise none (text-to-video). A
+    causal VAE's first k latent frames are its first 1 + r (k - 1) video frames (r: temporal ratio), and a
+    still image encodes to a clip's first latent frame. The loss covers only the frames not given.
+    """
+
+    image_prob: float = 0.0
+    extend_prob: float = 0.0
+    extend_min: int = 2
+    extend_max: int = 3
+
+    def __post_init__(self):
+        _check_range("data.condition_frames.image_prob", self.image_prob, 0.0, 1.0)
+        _check_range("data.condition_frames.extend_prob", self.extend_prob, 0.0, 1.0)
+        if self.image_prob + self.extend_prob > 1 + 1e-9:  # room for rounding in e.g. 0.7 + 0.3
+            raise ValueError(f"data.condition_frames.image_prob={self.image_prob} + extend_prob={self.extend_prob} "
+                             f"must be <= 1")
+        if not 1 <= self.extend_min <= self.extend_max:
+            raise ValueError(f"data.condition_frames.extend_min={self.extend_min} and extend_max={self.extend_max} "
+                             f"must satisfy 1 <= extend_min <= extend_max")
+
+    @property
+    def enabled(self) -> bool:
+        return self.image_prob > 0 or self.extend_prob > 0
+
+
+@dataclass
+class ShapesDataConfig:
+    """The Shapes World source's own options (data.source=shapes; t2v.data.shapes renders it)."""
+
+    canonical_prob: float = 0.5  # share of canonical captions (the rest paraphrased)
+    wordings: str = "base"  # paraphrase tables: "base", or "wide" (more synonyms and sentence frames)
+    two_object_prob: float = 0.5  # share of two-object clips
+
+    def __post_init__(self):
+        _check_range("data.shapes.canonical_prob", self.canonical_prob, 0.0, 1.0)
+        _check_choice("data.shapes.wordings", self.wordings, SHAPES_WORDINGS)
+        _check_range("data.shapes.two_object_prob", self.two_object_prob, 0.0, 1.0)
 
 
 @dataclass
@@ -84,30 +131,23 @@ class DataConfig:
     batch_size: int = 2
     caption_dropout: float = 0.1
     num_workers: int = 0
-    # Shapes World stream (source=shapes): share of canonical captions (the rest paraphrased).
-    canonical_prob: float = 0.5
-    # Shapes World paraphrase tables: "base", or "wide" (more synonyms and sentence frames; t2v.data.shapes).
-    wordings: str = "base"
-    # Shapes World stream (source=shapes, DiT training): share of two-object clips.
-    two_object_prob: float = 0.5
+    # The Shapes World source's options (source=shapes).
+    shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
     # Share of 1-frame (image) batches in VAE training with source=shapes.
     image_batch_prob: float = 0.0
     # VAE training: random windows of this many frames (1 + k * temporal ratio; 0 = whole clips), far cheaper
     # than whole clips while still training the temporal path.
     crop_frames: int = 0
+    # DiT training: given first frames (image-to-video, extension), see ConditionFramesConfig.
+    condition_frames: ConditionFramesConfig = field(default_factory=ConditionFramesConfig)
 
     def __post_init__(self):
         _check_choice("data.source", self.source, SOURCES)
         _check_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
-        _check_range("data.canonical_prob", self.canonical_prob, 0.0, 1.0)
-        _check_choice("data.wordings", self.wordings, SHAPES_WORDINGS)
-        if self.wordings != "base" and self.source != "shapes":
-            raise ValueError(f"data.wordings={self.wordings!r} words the Shapes World stream; it needs "
-                             f"data.source=shapes, got {self.source!r}")
-        _check_range("data.two_object_prob", self.two_object_prob, 0.0, 1.0)
-        if self.two_object_prob != 0.5 and self.source != "shapes":
-            raise ValueError(f"data.two_object_prob={self.two_object_prob} sets the Shapes World stream's mix; it "
-                             f"needs data.source=shapes, got {self.source!r}")
+        if self.shapes != ShapesDataConfig() and self.source != "shapes":
+            changed = {k: v for k, v in vars(self.shapes).items() if v != getattr(ShapesDataConfig(), k)}
+            raise ValueError(f"data.shapes {changed} sets the Shapes World stream; it needs data.source=shapes, "
+                             f"got {self.source!r}")
         _check_range("data.image_batch_prob", self.image_batch_prob, 0.0, 1.0)
         for name in ("frames", "height", "width", "batch_size"):
             if getattr(self, name) < 1:

@@ -1,7 +1,8 @@
 """Flow-matching maths shared by training and sampling: x_t = (1 - sigma) x0 + sigma eps, velocity eps - x0.
 
 Small pure functions, so each piece can be checked by hand: sigmas and their shift, the token count the
-shift follows, the training loss. The model sees timestep = sigma * 1000.
+shift follows, the training loss, given frames (held clean in training and sampling) and an Euler sampler.
+The model sees timestep = sigma * 1000.
 """
 
 from __future__ import annotations
@@ -83,14 +84,62 @@ def flow_matching_loss(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     generator: torch.Generator | None = None,
+    frame_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE (in fp32) between the predicted and true velocity at a logit-normal, shifted sigma.
 
     `model_fn(x_t, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections)` returns
     the velocity (B, C, T, H, W); x0 are normalised clean latents (B, C, T, H, W).
+
+    frame_mask (bool, (B, 1, T, 1, 1)): latent frames given clean. x_t holds x0 there (a frame-conditioned
+    `model_fn` adds the mask to its input), and the mean runs over the other frames only: the sampler never
+    uses the velocity of a given frame, and there x_t = x0 shows no trace of the noise in its target.
     """
     sigmas = shift_sigmas(sample_logit_normal(x0.shape[0], logit_mean, logit_std, generator, x0.device), shift)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t, target = interpolate(x0, noise, sigmas)
+    if frame_mask is None:
+        prediction = model_fn(x_t, sigmas * 1000, encoder_hidden_states, encoder_attention_mask, pooled_projections)
+        return F.mse_loss(prediction.float(), target.float())
+    x_t = impose_frames(x_t, x0, frame_mask)
     prediction = model_fn(x_t, sigmas * 1000, encoder_hidden_states, encoder_attention_mask, pooled_projections)
-    return F.mse_loss(prediction.float(), target.float())
+    generate = (~frame_mask).expand(target.shape)  # (B, C, T, H, W): the frames to generate
+    error = (prediction.float() - target.float()).square().masked_fill(~generate, 0.0)
+    return error.sum() / generate.sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Given frames (image-to-video, extension) and sampling
+# ----------------------------------------------------------------------------------------------------
+
+
+def first_frames_mask(num_given: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, 1, T, 1, 1) bool, True on the first num_given[b] latent frames of sample b. num_given: (B,) ints."""
+    return (torch.arange(frames, device=num_given.device) < num_given[:, None]).view(-1, 1, frames, 1, 1)
+
+
+def impose_frames(latents: torch.Tensor, given: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """latents with the frames where frame_mask is True taken from `given` (both (B, C, T, H, W))."""
+    return torch.where(frame_mask, given.to(latents.dtype), latents)
+
+
+def denoise(
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    given: torch.Tensor | None = None,
+    frame_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Euler steps of dx/dsigma = velocity from sigmas[0] to sigmas[-1]; the core loop of a sampler.
+
+    `velocity_fn(x, sigma)` returns the velocity (B, C, T, H, W) at the scalar tensor sigma (the model sees
+    timestep = sigma * 1000). latents: the starting noise. With `given` and `frame_mask` the frames where the
+    mask is True are held at `given` before every step and in the result, as in training.
+    """
+    if (given is None) != (frame_mask is None):
+        raise ValueError("denoise needs both `given` and `frame_mask`, or neither")
+    hold = (lambda x: x) if frame_mask is None else (lambda x: impose_frames(x, given, frame_mask))
+    x = hold(latents)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x = hold(x + (sigma_next - sigma) * velocity_fn(x, sigma))
+    return x

@@ -33,6 +33,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far (MiB): the CUDA allocator's peak, or the resident-set peak on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

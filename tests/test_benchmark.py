@@ -85,7 +85,7 @@ def test_peak_memory_counts_live_allocations():
         b = torch.empty(2 * 2**20, dtype=torch.uint8)  # + 2 MiB, both alive
         del a, b
 
-    assert bench.peak_memory_mb(fn, torch.device("cpu")) == pytest.approx(6.0, abs=0.1)
+    assert bench.measure_peak_memory_mb(fn, torch.device("cpu")) == pytest.approx(6.0, abs=0.1)
 
 
 def test_train_compile_benchmark_writes_json(tmp_path):

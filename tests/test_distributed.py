@@ -149,11 +149,23 @@ def test_sequence_parallel_launch_checks(tmp_path):
         check_launch(load_config(DEBUG, ["distributed.backend=ddp", "distributed.sequence_parallel_size=2"]).distributed, 3)
     with pytest.raises(ValueError, match="sequence_parallel_size=2 needs distributed.backend=ddp or deepspeed"):
         check_launch(load_config(DEBUG, ["distributed.sequence_parallel_size=2"]).distributed, 1)
+    with pytest.raises(ValueError, match="the process group was joined with 1; call init_distributed"):
+        check_launch(load_config(DEBUG, ["distributed.backend=ddp", "distributed.sequence_parallel_size=2"]).distributed, 2)
     from t2v.parallel.deepspeed_engine import initialize
 
     with pytest.raises(ValueError, match="sequence_parallel_size=2 with distributed.zero_stage=3"):
-        initialize(None, [], None, load_config(DEBUG, ["distributed.backend=deepspeed", "distributed.zero_stage=3",
+        initialize(None, [], None, None, load_config(DEBUG, ["distributed.backend=deepspeed", "distributed.zero_stage=3",
                                                        "distributed.sequence_parallel_size=2"]), 2)
+
+
+def test_a_launch_that_was_not_joined_is_refused(monkeypatch):
+    """Under a launcher, reading the layout before `init_distributed` is an error, not one silent process."""
+    from t2v.parallel.distributed import data_parallel_info
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match="call init_distributed"):
+        data_parallel_info()
 
 
 def test_launch_without_backend_is_refused(workdir):
@@ -223,6 +235,21 @@ def test_zero2_skips_a_nonfinite_step_like_one_process(workdir):
     assert state["lr_scheduler"]["last_epoch"] == STEPS  # the skipped update did not move the schedule
 
 
+def test_zero2_with_accumulation_and_the_trainers_adamw_matches_one_process(workdir):
+    """ZeRO-2 without a DeepSpeed JSON (so the trainer's own AdamW) and 2 accumulation steps: 2 ranks x batch 1 x
+    grad_accum 2 take the same global micro-batches with the same noise as 1 process x batch 1 x grad_accum 4."""
+    root, manifest = workdir
+    out = train(2, root / "zero2_accum", manifest, str(root / "rank_dump.py"), "distributed.backend=deepspeed",
+                "distributed.zero_stage=2", "data.batch_size=1", "train.grad_accum=2")
+    single = train(1, root / "single_accum", manifest, str(root / "rank_dump.py"), "data.batch_size=1",
+                   "train.grad_accum=4")
+    assert_close(weights(out / "rank0.safetensors"), weights(out / "rank1.safetensors"), 0.0, "zero2 accum ranks")
+    for group in ("model", "optimizer", "ema"):
+        worst = relative_diff(checkpoint(out, STEPS, group), checkpoint(single, STEPS, group))
+        print(f"ZeRO-2 2x1x2 vs 1x1x4, {group}: max relative diff {worst:.3g}")
+        assert worst <= 1e-5, group
+
+
 def test_zero3_ranks_agree_and_match_one_process(workdir, reference):
     root, manifest = workdir
     out = train(2, root / "zero3", manifest, str(root / "rank_dump.py"), "distributed.backend=deepspeed",
@@ -261,7 +288,7 @@ def test_zero_ema_refuses_what_it_cannot_follow(tmp_path):
     cfg = load_config(DEBUG, ["distributed.backend=deepspeed", "distributed.zero_stage=3",
                               f"distributed.deepspeed_config={checks}"])
     with pytest.raises(ValueError, match="enable_sanity_checks"):
-        initialize(None, [], None, cfg, 2)
+        initialize(None, [], None, None, cfg, 2)
     nvme = SimpleNamespace(swap_optimizer=True, fp32_partitioned_groups_flat=[torch.empty(0)])
     with pytest.raises(ValueError, match="NVMe"):
         master_partitions(SimpleNamespace(optimizer=nvme))

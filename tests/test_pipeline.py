@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
-from helpers import tiny_pipeline, tiny_wan_vae
+from helpers import tiny_dit, tiny_pipeline, tiny_wan_vae
 
 from pipelines import T2VPipeline, T2VPipelineOutput
+from t2v.models.text_encoder import TextEmbeddings
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,7 @@ class _OracleTransformer(torch.nn.Module):
         super().__init__()
         self.config = config
         self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.batches = []  # the batch size of every call
 
     @property
     def dtype(self):
@@ -181,6 +183,7 @@ class _OracleTransformer(torch.nn.Module):
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None,
                 pooled_projections=None, return_dict=True):
+        self.batches.append(hidden_states.shape[0])
         sigma = (timestep / 1000).view(-1, 1, 1, 1, 1)
         positive = encoder_hidden_states.mean(dim=(1, 2)) > 0  # (B,)
         x0 = torch.where(positive.view(-1, 1, 1, 1, 1), 2.0, -1.0).expand_as(hidden_states)
@@ -206,6 +209,118 @@ def test_denoising_loop_follows_the_training_convention(pipe):
         torch.testing.assert_close(latents, torch.full_like(latents, expected), atol=1e-5, rtol=0)
 
 
+def _oracle_pipeline(pipe):
+    from t2v.models.text_encoder import TextEmbeddings
+
+    c = pipe.components
+    p = T2VPipeline(**{**c, "transformer": _OracleTransformer(c["transformer"].config)}, max_sequence_length=16,
+                    generation_defaults=pipe.config.generation_defaults)
+
+    def embeds(value):
+        return TextEmbeddings(states=torch.full((1, 4, 8), value), mask=torch.ones(1, 4, dtype=torch.bool),
+                              pooled=torch.full((1, 8), value))
+
+    def sample(guidance, callback=None):
+        return p(prompt_embeds=embeds(1.0), negative_prompt_embeds=embeds(-1.0), guidance_scale=guidance,
+                 num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0),
+                 callback_on_step_end=callback).frames
+
+    return p, sample
+
+
+def test_callback_reads_the_run_and_changes_guidance_for_the_steps_left(pipe):
+    """diffusers' dynamic-CFG pattern. With the oracle the last step lands on the x0 its guidance mixes, so the
+    result shows which guidance the last steps ran with, and the batch sizes whether uncond rows ran."""
+    p, sample = _oracle_pipeline(pipe)
+    seen = []
+
+    def guidance_after(step, value):
+        def callback(pipeline, i, t, tensors):
+            seen.append((i, pipeline.num_timesteps, pipeline.guidance_scale, pipeline.do_classifier_free_guidance))
+            if i == step:
+                pipeline._guidance_scale = value
+            return tensors
+
+        return callback
+
+    latents = sample(3.0, guidance_after(1, 0.0))  # guidance off after step 1: the cond x0 alone
+    torch.testing.assert_close(latents, torch.full_like(latents, 2.0), atol=1e-5, rtol=0)
+    assert seen == [(0, 4, 3.0, True), (1, 4, 3.0, True), (2, 4, 0.0, False), (3, 4, 0.0, False)]
+    assert p.transformer.batches == [2, 2, 1, 1]
+    latents = sample(3.0, guidance_after(0, 2.0))  # another scale: x0_uncond + 2 (x0_cond - x0_uncond)
+    torch.testing.assert_close(latents, torch.full_like(latents, -1.0 + 2.0 * 3.0), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="rose above 1 during sampling, but the call began without guidance"):
+        sample(1.0, guidance_after(0, 3.0))
+
+
+def test_interrupt_stops_the_loop(pipe):
+    p, sample = _oracle_pipeline(pipe)
+
+    def stop_after_step_1(pipeline, i, t, tensors):
+        pipeline._interrupt = i == 1
+        return tensors
+
+    sample(3.0, stop_after_step_1)
+    assert p.transformer.batches == [2, 2] and p.interrupt
+    p.transformer.batches.clear()
+    sample(3.0)  # the next call runs in full
+    assert p.transformer.batches == [2, 2, 2, 2] and not p.interrupt and p.current_timestep is None
+
+
+def test_prompt_embeddings_without_the_transformer_and_vae(pipe, tmp_path):
+    """A pipeline loaded with transformer=None, vae=None encodes prompts (to precompute them on a small GPU);
+    generating needs the missing models and says so."""
+    pipe.save_pretrained(tmp_path / "p")
+    text_only = T2VPipeline.from_pretrained(tmp_path / "p", transformer=None, vae=None)
+    assert text_only.transformer is None and text_only.vae is None
+    embeds, negative = text_only.encode_prompt(["a red circle"], "cpu"), text_only.encode_prompt([""], "cpu")
+    assert torch.equal(embeds.states, pipe.encode_prompt(["a red circle"], "cpu").states)
+    with pytest.raises(ValueError, match="this pipeline has no transformer: it can encode prompts"):
+        text_only(prompt_embeds=embeds)
+    text_only.transformer = pipe.transformer
+    with pytest.raises(ValueError, match="this pipeline has no vae"):
+        text_only(prompt_embeds=embeds)
+    frames = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(frames.frames, _run(pipe).frames, atol=1e-6)
+    # Built by hand without them, saved and loaded back.
+    c = pipe.components
+    built = T2VPipeline(**{**c, "vae": None, "transformer": None}, max_sequence_length=16)
+    built.save_pretrained(tmp_path / "t")
+    loaded = T2VPipeline.from_pretrained(tmp_path / "t")
+    assert loaded.transformer is None and loaded.vae is None
+    assert torch.equal(loaded.encode_prompt(["a red circle"], "cpu").states, embeds.states)
+
+
+def test_prompt_embeds_as_one_tensor(pipe):
+    """diffusers pipelines take prompt embeddings as one tensor: every token real, no pooled vector, which a
+    transformer that takes one refuses by name."""
+    embeds = pipe.encode_prompt(["a red circle"], "cpu")
+    with pytest.raises(ValueError, match=r"takes a pooled text vector \(pooled_dim=16\)"):
+        pipe(prompt_embeds=embeds.states, guidance_scale=1.0)
+    no_pooled = T2VPipeline(**{**pipe.components, "transformer": tiny_dit(text_dim=16, pooled_dim=0)},
+                            max_sequence_length=16, generation_defaults=pipe.config.generation_defaults)
+    length = int(embeds.mask.sum())
+    real = embeds.states[:, :length]
+    a = no_pooled(prompt_embeds=real, guidance_scale=1.0, generator=torch.Generator().manual_seed(0)).frames
+    b = no_pooled(prompt_embeds=TextEmbeddings(real, None, None), guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(0)).frames
+    np.testing.assert_array_equal(a, b)
+
+
+def test_text_encoder_source_loads_in_the_text_encoder_dtype(pipe, tmp_path):
+    c = pipe.components
+    p = T2VPipeline(vae=c["vae"], transformer=c["transformer"], scheduler=c["scheduler"],
+                    text_encoder_source="tiny-random", max_sequence_length=16,
+                    generation_defaults=pipe.config.generation_defaults)
+    p.save_pretrained(tmp_path / "p")
+    loaded = T2VPipeline.from_pretrained(tmp_path / "p", dtype={"text_encoder": torch.bfloat16,
+                                                                "default": torch.float32})  # fmt: skip
+    assert loaded.text_encoder.dtype == torch.bfloat16 and loaded.transformer.dtype == torch.float32
+    assert loaded.encode_prompt(["a red circle"], "cpu").states.dtype == torch.bfloat16
+    assert np.isfinite(_run(loaded).frames).all()
+    assert T2VPipeline.from_pretrained(tmp_path / "p").text_encoder.dtype == torch.float32
+
+
 def test_text_padding_is_cut_once_and_changes_nothing(pipe):
     from t2v.models.text_encoder import TextEmbeddings
     from t2v.pipelines.pipeline_t2v import _text_batch
@@ -218,11 +333,13 @@ def test_text_padding_is_cut_once_and_changes_nothing(pipe):
                                                                               e.states.shape[2])], 1),
                               mask=torch.cat([e.mask, e.mask.new_zeros(e.mask.shape[0], extra)], 1), pooled=e.pooled)
 
-    states, mask, _ = _text_batch(embeds, negative)  # uncond rows first
+    text = _text_batch(embeds, negative)  # uncond rows first
+    states, mask = text.states, text.mask
     longest = int(torch.cat([negative.mask, embeds.mask]).sum(1).max())
     assert states.shape[:2] == (4, longest) and mask.shape == (4, longest)
     assert mask[:2].sum() < mask[2:].sum()  # the empty negative prompt keeps its padding mask
-    states, mask, _ = _text_batch(TextEmbeddings(embeds.states[1:], embeds.mask[1:], embeds.pooled[1:]), None)
+    text = _text_batch(TextEmbeddings(embeds.states[1:], embeds.mask[1:], embeds.pooled[1:]), None)
+    states, mask = text.states, text.mask
     assert mask is None and states.shape[1] == int(embeds.mask[1].sum())  # all real: no mask
 
     run = dict(generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=3)

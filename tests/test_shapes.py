@@ -410,7 +410,7 @@ def test_stream_caption_dropout_and_clip_size():
     with pytest.raises(ValueError, match=r"renders 17x64x64 clips, but data.frames/height/width = 9/64/64; set "
                                          r"them to 17/64/64"):
         shapes_stream(cfg, 0, "cpu")
-    cfg = load_config(None, ["data.source=shapes", "data.batch_size=3", "data.two_object_prob=1.0"])
+    cfg = load_config(None, ["data.source=shapes", "data.batch_size=3", "data.shapes.two_object_prob=1.0"])
     batch = next(shapes_stream(cfg, 0, "cpu"))
     assert len(batch["caption"]) == 3 and all(" and a " in c for c in batch["canonical_caption"])
 
@@ -427,7 +427,7 @@ SCRIPTS = "examples/shapes_world/scripts"
 
 
 def test_prompt_script(tmp_path):
-    main = runpy.run_path(f"{SCRIPTS}/make_shapes_prompts.py")["main"]
+    main = runpy.run_path("scripts/make_shapes_prompts.py")["main"]
     out = tmp_path / "prompts.jsonl"
     main(["--out", str(out), "--seed", "0"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -449,7 +449,7 @@ def test_prompt_script(tmp_path):
 def test_prompt_script_renders_the_real_videos(tmp_path):
     import imageio.v3 as iio
 
-    main = runpy.run_path(f"{SCRIPTS}/make_shapes_prompts.py")["main"]
+    main = runpy.run_path("scripts/make_shapes_prompts.py")["main"]
     main(["--out", str(tmp_path / "p.jsonl"), "--per-category", "2", "--render-real", str(tmp_path / "real")])
     rows = [json.loads(line) for line in (tmp_path / "real" / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and [row["path"] for row in rows] == [f"{i:05d}.mp4" for i in range(8)]

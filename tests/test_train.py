@@ -16,7 +16,7 @@ from t2v.config import load_config
 from t2v.models.loading import resolve_model_spec
 from t2v.runtime import autocast_dtype
 from t2v.train import checkpoint as ckpt
-from t2v.train import trainer
+from t2v.train import rng, trainer
 from t2v.train.logger import read_metrics
 from t2v.train.optim import lr_factor
 from t2v.train.trainable import compile_model, prepare_trainable
@@ -62,12 +62,13 @@ def test_config_yaml_and_overrides(tmp_path):
         ("train.max_steps=many", "train.max_steps"),
         ("train.lr_schedule=step", "lr_schedule"),
         ("data.source=folder", "data.source"),
-        ("data.wordings=narrow", "data.wordings"),
-        ("data.wordings=wide", "needs data.source=shapes"),
-        ("data.two_object_prob=0.9", "needs data.source=shapes"),
+        ("data.shapes.wordings=narrow", "data.shapes.wordings"),
+        ("data.shapes.wordings=wide", "needs data.source=shapes"),
+        ("data.shapes.two_object_prob=0.9", "needs data.source=shapes"),
+        ("data.shapes.canonical_prob=0.9", "needs data.source=shapes"),
         ("distributed.zero_stage=2", "needs distributed.backend=deepspeed"),
         ("distributed.offload_optimizer=true", "is a DeepSpeed setting"),
-        ("data.two_object_prob=1.5", "data.two_object_prob"),
+        ("data.shapes.two_object_prob=1.5", "data.shapes.two_object_prob"),
         ("distributed.backend=mpi", "distributed.backend"),
         ("train.max_steps", "key=value"),
     ],
@@ -189,10 +190,10 @@ def test_optimizer_and_rng_state_round_trip():
     assert fresh.param_groups[0]["lr"] == 0.1
 
     generator = torch.Generator().manual_seed(3)
-    rng_tensors, rng_meta = ckpt.capture_rng({"train": generator})
+    rng_tensors, rng_meta = rng.capture_process_rng({"train": generator})
     rng_meta = json.loads(json.dumps(rng_meta))
     expected = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), random.random())
-    ckpt.restore_rng(rng_tensors, rng_meta, {"train": generator})
+    rng.restore_process_rng(rng_tensors, rng_meta, {"train": generator})
     again = (np.random.rand(), torch.rand(2), torch.rand(2, generator=generator), random.random())
     assert expected[0] == again[0] and expected[3] == again[3]
     assert torch.equal(expected[1], again[1]) and torch.equal(expected[2], again[2])
@@ -303,12 +304,26 @@ class Interrupted(Exception):
     pass
 
 
-def test_dit_resume_is_exact(tmp_path, manifest):
-    """40 steps in one go == 20 steps, a crash, and a resume to 40: bitwise equal weights."""
+def conditioned_tiny_dit(folder) -> list[str]:
+    """Overrides that train a frame-conditioned tiny DiT with given first frames (a YAML written into folder)."""
+    from omegaconf import OmegaConf
+
+    path = Path(folder) / "dit_tiny_conditioned.yaml"
+    OmegaConf.save(OmegaConf.create({**OmegaConf.load(resolve_model_spec("tiny", "dit")), "frame_conditioning": True}),
+                   path)
+    return [f"model.dit={path}", "data.condition_frames.image_prob=0.4", "data.condition_frames.extend_prob=0.4",
+            "data.condition_frames.extend_min=2", "data.condition_frames.extend_max=2"]
+
+
+@pytest.mark.parametrize("conditioning", [False, True], ids=["plain", "conditioning"])
+def test_dit_resume_is_exact(tmp_path, manifest, conditioning):
+    """40 steps in one go == 20 steps, a crash, and a resume to 40: bitwise equal weights (also with given frames,
+    whose sampling draws from the loop's generator)."""
     from t2v.train.dit_task import DiTTask, train_dit
 
+    extra = conditioned_tiny_dit(tmp_path) if conditioning else []
     straight = tmp_path / "straight"
-    train_dit(debug_config(DEBUG, straight, manifest))
+    train_dit(debug_config(DEBUG, straight, manifest, *extra))
 
     class CrashingTask(DiTTask):
         """Fails when asked for the 21st step's batch, after step-20 was saved."""
@@ -321,9 +336,10 @@ def test_dit_resume_is_exact(tmp_path, manifest):
 
     resumed = tmp_path / "resumed"
     with pytest.raises(Interrupted):
-        trainer.train(debug_config(DEBUG, resumed, manifest), CrashingTask(debug_config(DEBUG, resumed, manifest)))
+        cfg = debug_config(DEBUG, resumed, manifest, *extra)
+        trainer.train(cfg, CrashingTask(cfg))
     assert [step for step, _ in ckpt.list_checkpoints(str(resumed / "checkpoints"))] == [20]
-    train_dit(debug_config(DEBUG, resumed, manifest, "resume=latest"))
+    train_dit(debug_config(DEBUG, resumed, manifest, *extra, "resume=latest"))
 
     for group in ("model", "ema", "optimizer"):
         a = load_file(str(straight / "checkpoints" / "step-40" / f"{group}.safetensors"))
@@ -333,7 +349,9 @@ def test_dit_resume_is_exact(tmp_path, manifest):
             assert torch.equal(a[name], b[name]), f"{group} {name} differs after resume"
     # The runs really trained: the weights moved from the initial ones.
     first = load_file(str(resumed / "checkpoints" / "step-40" / "model.safetensors"))
-    assert any(not torch.equal(first[n], v) for n, v in DiTTask(debug_config(DEBUG, tmp_path / "x", manifest)).model.state_dict().items())
+    initial = DiTTask(debug_config(DEBUG, tmp_path / "x", manifest, *extra)).model.state_dict()
+    assert any(not torch.equal(first[n], v) for n, v in initial.items())
+    assert not conditioning or first["frame_mask_embed.weight"].any()  # given frames were part of training
 
     # Run folder contents.
     rows = read_metrics(str(straight))
@@ -834,3 +852,23 @@ def test_model_presets_are_package_data():
     assert {"tiny", "shapes", "1.3b"} <= set(preset_names("dit")) and "tiny" in preset_names("vae")
     with pytest.raises(ValueError, match=r"model.dit='huge' is not a folder, a YAML file or a preset; presets: \["):
         resolve_model_spec("huge", "dit")
+
+
+def test_a_checkpoint_from_before_the_redesign_resumes_exactly(tmp_path):
+    """A checkpoint written before the library was reorganised still loads: resuming its step 1 with today's
+    code gives the old run's step-2 weights and EMA bit for bit (tests/fixtures/checkpoint_before_redesign)."""
+    import shutil
+
+    from t2v.train.dit_task import train_dit
+
+    fixture = ROOT / "tests" / "fixtures" / "checkpoint_before_redesign"
+    shutil.copytree(fixture / "data", tmp_path / "data")
+    shutil.copytree(fixture / "step-1", tmp_path / "run" / "checkpoints" / "step-1")
+    train_dit(debug_config(DEBUG, tmp_path / "run", tmp_path / "data" / "manifest.csv", "resume=latest",
+                           "train.max_steps=2", "train.ckpt_every=1", "train.log_every=1", "train.validate_every=0"))
+    for group in ("model", "ema"):
+        old = load_file(str(fixture / f"step-2-{group}.safetensors"))
+        new = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / f"{group}.safetensors"))
+        assert old.keys() == new.keys()
+        for name in old:
+            assert torch.equal(old[name], new[name]), f"{group} {name} differs from the old code's step 2"

@@ -1,11 +1,25 @@
-"""Wan 2.1 transformers as VideoDiT: forward equality, bit-exact conversion both ways, the script, and the
-shipped model unchanged by the Wan switches (tiny random Wan transformers built as diffusers' tests do)."""
+"""Wan 2.1 as t2v models: transformers as VideoDiT (forward equality, bit-exact conversion both ways), whole
+WanPipeline folders as T2VPipeline (the same frames as WanPipeline), their text encoders, the script and
+generate.py, and the shipped model unchanged by the Wan switches. Tiny random Wan components are built as
+diffusers' own Wan tests build them."""
 
 import json
+import logging
+import shutil
+import string
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from safetensors.torch import load_file
 
@@ -18,6 +32,7 @@ from t2v.models.wan import (
     transformer_from_wan,
     transformer_to_wan,
 )
+from t2v.pipelines import T2VPipeline
 
 # diffusers' WanPipeline test components and WanTransformer3DModel test config, then tiny models shaped like
 # the real 1.3B (12 heads, ffn 5.83 x dim) and 14B (40 heads, ffn 2.7 x dim), and Wan's other switches.
@@ -222,26 +237,22 @@ def test_non_wan_video_dit_is_refused():
 
 
 def convert(*argv: str) -> int:
-    import sys
+    """Run scripts/convert_wan.py's main in this process, as `python scripts/convert_wan.py ARGV` would."""
+    import runpy
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from convert_wan import main
-
-    return main(list(argv))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_wan.py"
+    return runpy.run_path(str(script))["main"](list(argv))
 
 
 def test_convert_script_round_trip(tmp_path):
-    """WanPipeline folder (sharded weights) -> VideoDiT folder -> Wan transformer folder, bit for bit."""
+    """Wan transformer folder (sharded weights) -> VideoDiT folder -> Wan transformer folder, bit for bit."""
     config = TINY_WAN["14b_like"]
     wan = tiny_wan(config)
-    wan.save_pretrained(tmp_path / "pipe" / "transformer", max_shard_size="20KB")
-    assert (tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
-    (tmp_path / "pipe" / "model_index.json").write_text(
-        json.dumps({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]})
-    )
+    wan.save_pretrained(tmp_path / "wan", max_shard_size="20KB")
+    assert (tmp_path / "wan" / "diffusion_pytorch_model.safetensors.index.json").exists()
 
-    assert convert("--src", str(tmp_path / "pipe"), "--out", str(tmp_path / "ours")) == 0
+    assert convert("--src", str(tmp_path / "wan"), "--out", str(tmp_path / "ours")) == 0
     ours = VideoDiT.from_pretrained(tmp_path / "ours")
     assert max_diff_to_wan(wan, ours, wan_inputs(config)) <= 1e-5
 
@@ -272,3 +283,229 @@ def test_convert_script_errors_name_the_problem(tmp_path, capsys):
         convert("--src", str(tmp_path / "ours"), "--out", str(tmp_path / "out"), "--to", "wan")
     assert "final_modulation" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole pipelines: WanPipeline folders through T2VPipeline
+# ----------------------------------------------------------------------------------------------------
+
+# Sizes of hf-internal-testing/tiny-random-t5, whose config diffusers' Wan pipeline tests build their text
+# encoder from (d_model = the transformer's text_dim 32); the hub is out of reach, so the vocabulary is ours.
+TINY_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_heads=4, num_layers=5, relative_attention_num_buckets=8)
+WORDS = "a the red circle blue square dance monkey negative moving up".split()
+WAN_CALL = dict(negative_prompt="negative", num_frames=9, height=16, width=16, num_inference_steps=3)  # diffusers'
+
+
+def tiny_tokenizer():
+    """A T5 tokenizer (Unigram, as umT5's) over a few words and single characters: no download, no sentencepiece."""
+    from transformers import T5Tokenizer
+
+    pieces = ["<pad>", "</s>", "<unk>", *("\u2581" + word for word in WORDS), "\u2581",
+              *string.ascii_lowercase, *string.digits, *",.!?'-"]  # fmt: skip
+    return T5Tokenizer(vocab=[(piece, 0.0 if i < 3 else -float(i)) for i, piece in enumerate(pieces)], extra_ids=0)
+
+
+def tiny_wan_pipeline(encoder: str = "umt5", scheduler: str = "unipc") -> WanPipeline:
+    """diffusers' WanPipeline test components (VAE, transformer, FlowMatchEuler scheduler, a T5 encoder) with
+    every transformer weight random; umT5 as Wan 2.1 has it, and Wan 2.1's UniPC flow scheduler."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])  # fmt: skip
+    config_cls, encoder_cls = {"umt5": (UMT5Config, UMT5EncoderModel), "t5": (T5Config, T5EncoderModel)}[encoder]
+    torch.manual_seed(0)
+    text_encoder = encoder_cls(config_cls(vocab_size=len(tokenizer), **TINY_T5)).eval()
+    schedulers = {
+        "flow_match_euler": FlowMatchEulerDiscreteScheduler(shift=7.0),
+        "unipc": UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    }
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=schedulers[scheduler],
+                       transformer=tiny_wan(DIFFUSERS_PIPELINE))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wan") / "Wan2.1-T2V-tiny-Diffusers"
+    tiny_wan_pipeline().save_pretrained(path)
+    return path
+
+
+def latents(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 16, 3, 2, 2, generator=torch.Generator().manual_seed(seed))  # 9 x 16 x 16 frames
+
+
+def wan_notices(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "is a Wan 2.1 pipeline" in r.getMessage()]
+
+
+@pytest.mark.parametrize("encoder,scheduler", [("umt5", "unipc"), ("umt5", "flow_match_euler"),
+                                               ("t5", "flow_match_euler")])  # fmt: skip
+def test_wan_folder_samples_the_frames_wan_pipeline_samples(tmp_path, caplog, encoder, scheduler):
+    wan = tiny_wan_pipeline(encoder, scheduler)
+    wan.save_pretrained(tmp_path / "wan")
+    with caplog.at_level(logging.WARNING):
+        ours = T2VPipeline.from_pretrained(tmp_path / "wan")
+    assert len(wan_notices(caplog)) == 1 and "\n" not in wan_notices(caplog)[0]
+    assert isinstance(ours.transformer, VideoDiT) and type(ours.scheduler) is type(wan.scheduler)
+    assert ours.config.max_sequence_length == 512
+
+    prompts = ["dance monkey", "a red circle moving up"]
+    for guidance in (6.0, 1.0):
+        call = dict(prompt=prompts, guidance_scale=guidance, **WAN_CALL)
+        expected = wan(**call, latents=latents(2)).frames  # (2, 9, 16, 16, 3)
+        actual = ours(**call, latents=latents(2)).frames
+        assert actual.shape == expected.shape == (2, 9, 16, 16, 3)
+        assert np.abs(actual - expected).max() <= 1e-4
+        # The denoised latents too (values up to about 4), which the tiny VAE's near-grey frames would hide.
+        expected = wan(**call, latents=latents(2), output_type="latent").frames
+        actual = ours(**call, latents=latents(2), output_type="latent").frames
+        assert (actual - expected).abs().max() <= 1e-4
+    # The prompt reaches the frames: the same noise under another prompt gives another video.
+    other = ours(prompt=prompts[::-1], guidance_scale=6.0, **WAN_CALL, latents=latents(2)).frames
+    assert np.abs(other - ours(prompt=prompts, guidance_scale=6.0, **WAN_CALL, latents=latents(2)).frames).max() > 1e-3
+
+
+def test_prompts_are_encoded_as_wan_encodes_them(wan_folder):
+    """umT5 states zero past each prompt's end, padded to 512 tokens; Wan's own embeddings, given as the plain
+    tensors diffusers pipelines take, sample the same frames as the prompts."""
+    wan, ours = WanPipeline.from_pretrained(wan_folder), T2VPipeline.from_pretrained(wan_folder)
+    prompts = ["dance monkey", "a blue square moving up"]
+    with torch.no_grad():  # as WanPipeline.__call__ runs it, to the length it asks for: (2, 512, 32) each
+        expected, negative = wan.encode_prompt(prompts, "negative", max_sequence_length=512, device="cpu")
+    embeds = ours.encode_prompt(prompts, "cpu")
+    assert embeds.states.shape == expected.shape == (2, 512, 32)
+    assert torch.equal(embeds.states, expected)
+    lengths = embeds.mask.sum(dim=1)  # real tokens, </s> included
+    assert lengths.tolist() == [3, 6] and not embeds.states[0, 3:].any() and embeds.states[1, :6].abs().min() > 0
+
+    call = dict(guidance_scale=6.0, **{k: v for k, v in WAN_CALL.items() if k != "negative_prompt"})
+    from_prompts = ours(prompt=prompts, negative_prompt="negative", latents=latents(2), **call).frames
+    from_tensors = ours(prompt_embeds=expected, negative_prompt_embeds=negative, latents=latents(2), **call).frames
+    np.testing.assert_array_equal(from_tensors, from_prompts)
+
+
+def test_convert_script_writes_whole_pipelines_both_ways(wan_folder, tmp_path, caplog):
+    assert convert("--src", str(wan_folder), "--out", str(tmp_path / "ours")) == 0
+    index = json.loads((tmp_path / "ours" / "model_index.json").read_text())
+    assert index["_class_name"] == "T2VPipeline" and index["transformer"] == ["t2v.models.dit", "VideoDiT"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLWan"] and index["scheduler"][1] == "UniPCMultistepScheduler"
+    assert index["text_encoder"] == ["transformers", "UMT5EncoderModel"] and (tmp_path / "ours" / "tokenizer").is_dir()
+    # Wan's call defaults and frame rate, stated in the folder.
+    assert index["max_sequence_length"] == 512 and index["generation_defaults"] == {
+        "num_frames": 81, "height": 480, "width": 832, "num_inference_steps": 50, "guidance_scale": 5.0, "fps": 16}
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        saved = T2VPipeline.from_pretrained(tmp_path / "ours")
+    assert not wan_notices(caplog)
+    on_load = T2VPipeline.from_pretrained(wan_folder)
+    call = dict(prompt="dance monkey", guidance_scale=6.0, **WAN_CALL)
+    np.testing.assert_array_equal(saved(**call, latents=latents(1)).frames, on_load(**call, latents=latents(1)).frames)
+
+    assert convert("--src", str(tmp_path / "ours"), "--out", str(tmp_path / "back"), "--to", "wan",
+                   "--rope-max-seq-len", "32") == 0  # fmt: skip
+    back, original = WanPipeline.from_pretrained(tmp_path / "back"), WanPipeline.from_pretrained(wan_folder)
+    for name in ("transformer", "vae", "text_encoder"):
+        assert_same_state(getattr(back, name).state_dict(), getattr(original, name).state_dict())
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(back.transformer.config) == public(original.transformer.config)
+    assert public(back.scheduler.config) == public(original.scheduler.config)
+
+
+def test_generate_runs_on_a_wan_folder(wan_folder, tmp_path):
+    import imageio.v3 as iio
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "generate.py", "dance monkey", "--model", str(wan_folder), "--out-dir",
+                        str(out), "--num-frames", "9", "--height", "16", "--width", "16", "--steps", "2"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("is a Wan 2.1 pipeline") == 1
+    row = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert row["fps"] == 16 and row["num_inference_steps"] == 2
+    assert iio.imread(out / row["path"], plugin="pyav").shape == (9, 16, 16, 3)
+
+
+def test_wan_folder_loads_in_the_dtype_asked(wan_folder):
+    """The transformer is cast as its files are read; the other components as diffusers casts them."""
+    pipe = T2VPipeline.from_pretrained(wan_folder, dtype=torch.bfloat16)
+    assert {pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.bfloat16}
+    assert_same_state(pipe.transformer.state_dict(), transformer_from_wan(wan_folder).to(torch.bfloat16).state_dict())
+    frames = pipe(prompt="dance monkey", guidance_scale=6.0, **WAN_CALL, latents=latents(1)).frames
+    assert frames.shape == (1, 9, 16, 16, 3) and np.isfinite(frames).all()
+
+
+def test_folders_and_models_that_do_not_convert(wan_folder, tmp_path):
+    two_stage = tmp_path / "wan22"
+    shutil.copytree(wan_folder, two_stage)
+    index = json.loads((two_stage / "model_index.json").read_text())
+    (two_stage / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
+    with pytest.raises(ValueError, match="two-stage Wan 2.2 pipeline"):
+        T2VPipeline.from_pretrained(two_stage)
+    wan = WanPipeline.from_pretrained(wan_folder)
+    with pytest.raises(ValueError, match="diffusers WanTransformer3DModel: convert it"):
+        T2VPipeline(vae=wan.vae, transformer=wan.transformer, scheduler=wan.scheduler)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text encoders from diffusers folders, in the dtype asked
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_text_encoder_folders_as_diffusers_lays_them_out(wan_folder, tmp_path):
+    from t2v.models.text_encoder import load_text_encoder
+
+    ids = tiny_tokenizer()("dance monkey").input_ids
+    for spec in (wan_folder / "text_encoder", wan_folder):  # text_encoder/ beside tokenizer/, a folder with both
+        tokenizer, encoder = load_text_encoder(str(spec))
+        assert type(encoder).__name__ == "UMT5EncoderModel" and encoder.dtype == torch.float32
+        assert tokenizer("dance monkey").input_ids == ids and not encoder.training
+    shutil.copytree(wan_folder / "text_encoder", tmp_path / "lone" / "text_encoder")
+    with pytest.raises(ValueError, match="belongs in .*lone/tokenizer', which holds no tokenizer"):
+        load_text_encoder(str(tmp_path / "lone" / "text_encoder"))
+    shutil.copytree(wan_folder / "text_encoder", tmp_path / "umt5")
+    with pytest.raises(ValueError, match="umt5' holds no tokenizer"):
+        load_text_encoder(str(tmp_path / "umt5"))
+
+
+def test_text_encoder_dtype(wan_folder):
+    from t2v.config import ModelConfig
+    from t2v.models.text_encoder import TextEmbedder, text_encoder_dtype
+
+    embedder = TextEmbedder.from_pretrained(str(wan_folder / "text_encoder"), max_length=512, dtype=torch.bfloat16)
+    assert embedder.encoder.dtype == torch.bfloat16 and embedder(["dance monkey"]).states.dtype == torch.bfloat16
+    assert text_encoder_dtype("fp32", "cpu") is torch.float32 and text_encoder_dtype("bf16", "cpu") is torch.bfloat16
+    assert text_encoder_dtype("fp16", "cuda") is torch.float16
+    with pytest.raises(ValueError, match="a float16 text encoder cannot run on the CPU"):
+        text_encoder_dtype("fp16", "cpu")
+    with pytest.raises(ValueError, match="model.text_encoder_dtype='fp8' is not one of"):
+        ModelConfig(text_encoder_dtype="fp8")
+
+    # The pipeline: diffusers' per-component dtype; a float16 encoder on the CPU is refused when it would run.
+    pipe = T2VPipeline.from_pretrained(wan_folder, dtype={"text_encoder": torch.bfloat16, "default": torch.float32})
+    assert pipe.text_encoder.dtype == torch.bfloat16 and pipe.transformer.dtype == torch.float32
+    call = dict(prompt="dance monkey", guidance_scale=6.0, **WAN_CALL)
+    full = T2VPipeline.from_pretrained(wan_folder)(**call, latents=latents(1)).frames
+    assert np.abs(pipe(**call, latents=latents(1)).frames - full).max() < 0.1
+    pipe.text_encoder.to(torch.float16)
+    with pytest.raises(ValueError, match="a float16 text encoder cannot run on the CPU"):
+        pipe(**call)
+
+
+def test_training_task_takes_a_converted_wan_and_its_text_encoder(wan_folder, tmp_path):
+    from t2v.config import load_config
+    from t2v.train.dit_task import DiTTask
+
+    assert convert("--src", str(wan_folder), "--out", str(tmp_path / "ours")) == 0
+    overrides = [f"output_dir={tmp_path / 'run'}", f"model.dit={tmp_path / 'ours' / 'transformer'}",
+                 f"model.vae={wan_folder / 'vae'}", f"model.text_encoder={wan_folder / 'text_encoder'}",
+                 "model.max_text_length=512", "data.source=shapes", "data.frames=17", "data.height=64",
+                 "data.width=64", "data.batch_size=1"]  # fmt: skip
+    task = DiTTask(load_config(None, [*overrides, "model.text_encoder_dtype=bf16"]))
+    assert task.text.encoder.dtype == torch.bfloat16 and isinstance(task.model, VideoDiT)
+    out = task.loss(task.model, task.next_batch(), torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="a float16 text encoder cannot run on the CPU"):
+        DiTTask(load_config(None, [*overrides, "model.text_encoder_dtype=fp16"]))

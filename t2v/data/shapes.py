@@ -1,6 +1,6 @@
 """Shapes World v1: procedurally rendered video-text data with exact ground truth.
 
-Every number here is fixed by the contract in `shapes_world.md`: 17 frames of 64 x 64 RGB at 8 fps,
+Every number here is part of the world's contract (checked by `tests/test_shapes.py`): 17 frames of 64 x 64 RGB at 8 fps,
 a black or white background, one or two flat objects (7 colours, 3 shapes, 2 sizes, 5 motions), and
 three (colour, shape) pairs that never appear in training data.
 

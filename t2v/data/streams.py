@@ -148,5 +148,5 @@ def shapes_stream(cfg: Config, stream: int, device, caption_dropout: float = 0.0
             f"data.source='shapes' renders {NUM_FRAMES}x{SIZE}x{SIZE} clips, but data.frames/height/width = "
             f"{data.frames}/{data.height}/{data.width}; set them to {NUM_FRAMES}/{SIZE}/{SIZE}"
         )
-    return ShapesBatches(data.batch_size, cfg.train.seed, stream, data.canonical_prob, caption_dropout, device,
-                         wordings=data.wordings, two_object_prob=data.two_object_prob)
+    return ShapesBatches(data.batch_size, cfg.train.seed, stream, data.shapes.canonical_prob, caption_dropout, device,
+                         wordings=data.shapes.wordings, two_object_prob=data.shapes.two_object_prob)

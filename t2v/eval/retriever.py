@@ -398,8 +398,10 @@ class VideoTextRetriever(nn.Module):
 
     # -- persistence ------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str):
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True):
         """Write `video_encoder/`, `retriever.safetensors` (text head, logit scale) and `retriever.json`."""
+        if not safe_serialization:
+            raise ValueError("VideoTextRetriever saves safetensors only (safe_serialization=False is refused)")
         os.makedirs(save_directory, exist_ok=True)
         self.video_encoder.save_pretrained(os.path.join(save_directory, "video_encoder"))
         text_encoder = self.text_encoder_name

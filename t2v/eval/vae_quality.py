@@ -3,7 +3,7 @@
 Everything a text-to-video model generates is decoded by its VAE, so the read-back accuracy of the VAE's own
 reconstructions bounds the accuracy of generated videos.
 
-    python scripts/eval_shapes_vae.py --vae t2v/assets/default_model/vae --num 256
+    python examples/shapes_world/scripts/eval_shapes_vae.py --vae t2v/assets/default_model/vae --num 256
 """
 
 from __future__ import annotations

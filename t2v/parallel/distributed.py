@@ -1,24 +1,17 @@
-"""Process groups, data-parallel wrapping and topology-free RNG for multi-process training.
+"""Process groups and data-parallel wrapping for multi-process training.
 
 Launch with `torchrun` (or the `deepspeed` launcher, SLURM via scripts/slurm_train.sh); the process group
 comes from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT):
 gloo on CPU, nccl on CUDA, with a timeout of T2V_DIST_TIMEOUT_MINUTES (default 30).
 
+An entry point joins once, `init_distributed(cfg.distributed.sequence_parallel_size)`, before it builds
+its task; everything after only reads the layout (`rank_and_world`, `data_parallel_info`).
+
+Sequence parallelism of size P: ranks form groups of P consecutive ranks that read the same batch and
+split its tokens (t2v.parallel.sequence); data is sharded over the world // P data-parallel groups,
+`data_parallel_info()` = (rank // P, world // P).
+
 The model itself stays single-device; `parallelize(model, cfg)` applies distribution afterwards.
-
-Sequence parallelism of size P (`init_distributed(P)`, once, before any data is built): ranks form groups
-of P consecutive ranks that read the same batch and split its tokens (t2v.parallel.sequence); data is
-sharded over the world // P data-parallel groups, `data_parallel_info()` = (rank // P, world // P).
-
-Randomness that must not depend on the topology:
-- data order: the sampler counts *global* batches (t2v.data.buckets);
-- noise, sigmas, latent samples: `noise_seed(seed, index)` reseeds the training generator for every
-  global micro-batch, index = (step * grad_accum + micro) * dp_world + dp_rank; so 2 ranks x 1
-  micro-batch and 1 rank x 2 micro-batches see the same samples with the same noise, and the ranks of a
-  sequence-parallel group draw the same noise;
-- the global python / numpy / torch RNGs (unused by the loss): each rank's state is stored; a resume on
-  the same world size restores each rank's own, on another world size every rank reseeds them from
-  (seed, step, rank) (`restore_rng`).
 """
 
 from __future__ import annotations
@@ -32,7 +25,6 @@ import torch.distributed as dist
 from torch import nn
 
 from t2v.config import DistributedConfig
-from t2v.train import checkpoint as ckpt
 
 DEFAULT_TIMEOUT_MINUTES = 30.0
 
@@ -56,15 +48,16 @@ def timeout_minutes() -> float:
     return minutes
 
 
-def init_distributed(sequence_parallel_size: int | None = None) -> tuple[int, int]:
-    """Join the launcher's process group once (no-op without a launcher); returns (rank, world_size).
+def init_distributed(sequence_parallel_size: int = 1, timeout: datetime.timedelta | None = None) -> tuple[int, int]:
+    """Join the launcher's process group and make the sequence-parallel groups; returns (rank, world_size).
 
-    Sets the CUDA device to LOCAL_RANK before the group is made, so nccl binds one GPU per process. The
-    first call naming a sequence-parallel size fixes it and makes its groups; a later call naming another
-    size is an error, since data may already be sharded by the first layout (None names no size).
+    Call it once per process, before building anything that shards data (a no-op without a launcher).
+    Sets the CUDA device to LOCAL_RANK before the group is made, so nccl binds one GPU per process.
+    `timeout` defaults to T2V_DIST_TIMEOUT_MINUTES. Joining again with the same P returns the same answer;
+    with another P it is an error, since data may already be sharded by the first layout.
     """
     if not dist.is_available() or not launched_by_torchrun():
-        if (sequence_parallel_size or 1) > 1:
+        if sequence_parallel_size > 1:
             raise ValueError(f"distributed.sequence_parallel_size={sequence_parallel_size} needs a launch on a "
                              "multiple of that many processes (torchrun); this is one process")
         return 0, 1
@@ -72,18 +65,15 @@ def init_distributed(sequence_parallel_size: int | None = None) -> tuple[int, in
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes()))
+        dist.init_process_group(backend, timeout=timeout or datetime.timedelta(minutes=timeout_minutes()))
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if sequence_parallel_size is None:
-        return rank, world_size
     if not _sequence_parallel:
         _make_sequence_groups(sequence_parallel_size, rank, world_size)
         _sequence_parallel["size"] = sequence_parallel_size
     elif sequence_parallel_size != _sequence_parallel["size"]:
         raise ValueError(
             f"distributed.sequence_parallel_size={sequence_parallel_size}, but this process already joined with "
-            f"size {_sequence_parallel['size']}; call init_distributed(cfg.distributed.sequence_parallel_size) "
-            "before building the task (its data is sharded over data-parallel groups)"
+            f"size {_sequence_parallel['size']}"
         )
     return rank, world_size
 
@@ -111,16 +101,28 @@ def sequence_group():
     return _sequence_parallel.get("group")
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world_size) of the group `init_distributed` joined; (0, 1) for one process without a launcher."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if dist.is_available() and launched_by_torchrun():
+        raise RuntimeError("started by a launcher but the process group was not joined: call "
+                           "init_distributed(cfg.distributed.sequence_parallel_size) first, before building the task "
+                           "(it shards its data by the data-parallel rank)")
+    return 0, 1
+
+
 def data_parallel_info() -> tuple[int, int]:
     """(dp_rank, dp_world) = (rank // P, world_size // P): which data shard this process reads."""
-    rank, world_size = init_distributed(sequence_parallel_size())  # fixes P = 1 if nothing set it yet
+    rank, world_size = rank_and_world()
     size = sequence_parallel_size()
     return rank // size, world_size // size
 
 
 def check_launch(cfg: DistributedConfig, world_size: int) -> None:
     """Refuse what the trainer cannot honour: several processes, or sequence parallelism, without a
-    data-parallel backend (ranks would silently diverge), and a world size not divisible by P."""
+    data-parallel backend (ranks would silently diverge), a world size not divisible by P, and a process
+    group joined for another P."""
     backend = cfg.backend
     if world_size > 1 and backend == "none":
         raise ValueError(
@@ -132,6 +134,10 @@ def check_launch(cfg: DistributedConfig, world_size: int) -> None:
         raise ValueError(f"distributed.sequence_parallel_size={size} needs distributed.backend=ddp or deepspeed")
     if world_size % size:
         raise ValueError(f"world size {world_size} is not divisible by distributed.sequence_parallel_size={size}")
+    if size != sequence_parallel_size():
+        raise ValueError(f"distributed.sequence_parallel_size={size} but the process group was joined with "
+                         f"{sequence_parallel_size()}; call init_distributed(cfg.distributed.sequence_parallel_size) "
+                         "before building the task (its data is sharded over data-parallel groups)")
 
 
 def check_same_batch(batch, group) -> None:
@@ -207,60 +213,3 @@ def sync_gradients(model: nn.Module, sync: bool):
     if sync or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Randomness
-# ----------------------------------------------------------------------------------------------------
-
-
-def noise_seed(seed: int, index: int) -> int:
-    """Seed of the training generator for global micro-batch `index` (a 63-bit mix of both)."""
-    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (2**63)
-
-
-def micro_batch_index(step: int, micro: int, grad_accum: int, rank: int, world_size: int) -> int:
-    """Global position of a rank's micro-batch: step-major, then micro-batch, then rank."""
-    return (step * grad_accum + micro) * world_size + rank
-
-
-def gather_rng(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every rank's RNG states as one checkpoint group: tensors "{rank}.{key}", meta {"ranks": [...]}.
-
-    Collective: all ranks call it; the result is complete on every rank.
-    """
-    tensors, meta = ckpt.capture_rng(generators)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, ({k: v.cpu() for k, v in tensors.items()}, meta))
-    else:
-        everyone = [(tensors, meta)]
-    flat = {f"{rank}.{key}": value for rank, (named, _) in enumerate(everyone) for key, value in named.items()}
-    return flat, {"ranks": [rank_meta for _, rank_meta in everyone]}
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, generators: dict[str, torch.Generator],
-                seed: int, step: int) -> str:
-    """Restore this rank's RNG states, or reseed them when the checkpoint's world size differs.
-
-    Returns "restored" or "reseeded". Checkpoints in the single-process format (no "ranks") restore as is.
-    """
-    from t2v.runtime import seed_everything
-
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if "ranks" not in meta:
-        if world_size == 1:
-            ckpt.restore_rng(tensors, meta, generators)
-            return "restored"
-        saved_world = 1
-    else:
-        saved_world = len(meta["ranks"])
-    if saved_world == world_size:
-        prefix = f"{rank}."
-        own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-        ckpt.restore_rng(own, meta["ranks"][rank], generators)
-        return "restored"
-    seed_everything(noise_seed(seed, step * 65536 + rank))
-    for generator in generators.values():
-        generator.manual_seed(noise_seed(seed + 1, step * 65536 + rank))
-    return "reseeded"

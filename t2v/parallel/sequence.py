@@ -104,6 +104,9 @@ class SequenceParallelDiT(nn.Module):
 
     def __init__(self, model: nn.Module, group=None):
         super().__init__()
+        if not hasattr(model, "set_self_attention_hook"):
+            raise ValueError(f"sequence parallelism needs a VideoDiT (a model with a self-attention hook), got "
+                             f"{type(model).__name__}")
         if model.config.attention_layout != "full":
             raise ValueError(f"sequence parallelism needs attention_layout='full', got "
                              f"{model.config.attention_layout!r}")

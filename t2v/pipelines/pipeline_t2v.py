@@ -3,18 +3,20 @@
 Stages follow diffusers' video pipelines: 1. check inputs, 2. encode prompt, 3. timesteps, 4. latents,
 5. denoise with classifier-free guidance, 6. decode. What a call leaves unset comes from the pipeline's
 saved `generation_defaults` (`generation_settings`); the flow shift, token count, latent shape and prompt
-encoding are the ones training uses (`t2v.flow`, `t2v.models.vae_utils`, `TextEmbedder`).
+encoding are the ones training uses (`t2v.flow`, `t2v.models.vae_utils`, `TextEmbedder`). A Wan 2.1
+pipeline folder loads converted (`t2v.pipelines.wan`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
@@ -23,9 +25,12 @@ from t2v.generation import guidance_error
 
 # Imported so that diffusers can resolve saved components named by these modules.
 from t2v.models.dit import VideoDiT  # noqa: F401
-from t2v.models.text_encoder import TextEmbedder, TextEmbeddings, load_text_encoder
+from t2v.models.text_encoder import TextEmbedder, TextEmbeddings, check_dtype_on_device, load_text_encoder
 from t2v.models.vae import CausalVideoVAE  # noqa: F401
 from t2v.models.vae_utils import check_clip_shape, denormalize_latents, latent_shape, vae_scale_factors
+from t2v.pipelines.wan import component_dtype, is_wan_pipeline_folder, wan_pipeline_kwargs
+
+logger = logging.get_logger(__name__)
 
 # What `generation_defaults` may hold: the call's clip shape and sampler settings, and the frame rate a
 # video is written at.
@@ -52,6 +57,15 @@ class T2VPipeline(DiffusionPipeline):
     optional `text_encoder_2` + `tokenizer_2` (pooled vector, e.g. CLIP), `scheduler` (a flow-matching scheduler:
     `FlowMatchEulerDiscreteScheduler`, or UniPC / DPM-Solver++ with `use_flow_sigmas`). When a saved pipeline
     leaves its text encoder out, `text_encoder_source` names where to load it from (path, hub id or "minilm").
+    `vae` and `transformer` may be None: such a pipeline encodes prompts (`encode_prompt`) but does not sample.
+
+    Text reaches a transformer that masks padding (`mask_text_padding`, our models) cut after the last real
+    token of the batch; one that attends to its padding (Wan) gets every token the encoder padded to
+    (`max_sequence_length`), zero past each prompt's end, as it was trained.
+
+    diffusers' conventions hold during a call: `callback_on_step_end(pipe, i, t, tensors)` may read
+    `pipe.num_timesteps` and `pipe.guidance_scale`, change the guidance of the steps left by setting
+    `pipe._guidance_scale` (at most 1 turns guidance off), and stop the loop with `pipe._interrupt = True`.
 
     `generation_defaults` ({name: value} over GENERATION_SETTINGS) are what a call leaves unset: a trained
     pipeline saves its training clip shape, frame rate and validation sampler settings. Without them the
@@ -60,7 +74,7 @@ class T2VPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
-    _optional_components = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    _optional_components = ["vae", "transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -77,6 +91,10 @@ class T2VPipeline(DiffusionPipeline):
         generation_defaults: dict | None = None,
     ):
         super().__init__()
+        if type(transformer).__name__ == "WanTransformer3DModel":
+            raise ValueError("transformer is a diffusers WanTransformer3DModel: convert it to a VideoDiT first "
+                             "(t2v.models.wan.transformer_from_wan), or give T2VPipeline.from_pretrained the Wan "
+                             "pipeline's local folder (a hub repository downloaded first), which converts it")
         generation_defaults = {**SAMPLER_DEFAULTS, **(generation_defaults or {})}
         if unknown := sorted(set(generation_defaults) - set(GENERATION_SETTINGS)):
             raise ValueError(f"generation_defaults has unknown keys {unknown}; known: {list(GENERATION_SETTINGS)}")
@@ -98,7 +116,47 @@ class T2VPipeline(DiffusionPipeline):
             # Kept out of the saved folder on purpose (e.g. a pip-installed encoder): load it by name.
             # The config entry stays (None, None), so save_pretrained keeps leaving it out.
             self.tokenizer, self.text_encoder = load_text_encoder(text_encoder_source)
-        self.video_processor = VideoProcessor(vae_scale_factor=vae_scale_factors(vae)[1])
+        self.video_processor = VideoProcessor(vae_scale_factor=vae_scale_factors(vae)[1] if vae is not None else 8)
+        # What a call exposes to its callback (diffusers' names); None before the first call.
+        self._guidance_scale = self._num_timesteps = self._current_timestep = None
+        self._interrupt = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`, plus: a local WanPipeline folder (Wan 2.1 text-to-video) loads with its
+        transformer converted to a VideoDiT (`t2v.pipelines.wan`), and a text encoder loaded by
+        `text_encoder_source` takes the dtype asked for the text encoder (`dtype`, or {"text_encoder": ...})."""
+        path = pretrained_model_name_or_path
+        if os.path.isdir(path) and is_wan_pipeline_folder(path):
+            logger.warning(f"{os.fspath(path)} is a Wan 2.1 pipeline: its transformer is converted to a VideoDiT "
+                           "as it loads (save_pretrained keeps the converted pipeline)")
+            kwargs = wan_pipeline_kwargs(path, kwargs)
+        pipe = super().from_pretrained(path, **kwargs)
+        dtype = component_dtype(kwargs, "text_encoder")
+        if pipe.config.text_encoder_source and "text_encoder" not in kwargs and dtype is not None:
+            pipe.text_encoder.to(dtype)
+        return pipe
+
+    # ------------------------------------------------------------------ what a callback reads
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        return self._current_timestep
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
 
     # ------------------------------------------------------------------ settings and inputs
     def generation_settings(self, **given) -> dict:
@@ -130,6 +188,10 @@ class T2VPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs=("latents",),
     ):
         """Raise ValueError for any input a call would refuse; nothing else checks them."""
+        for name in ("transformer", "vae"):
+            if getattr(self, name) is None:
+                raise ValueError(f"this pipeline has no {name}: it can encode prompts (encode_prompt) but not "
+                                 f"generate; load it with one or set pipe.{name}")
         if prompt is None and prompt_embeds is None:
             raise ValueError("give either `prompt` or `prompt_embeds`")
         if prompt is not None and prompt_embeds is not None:
@@ -172,6 +234,9 @@ class T2VPipeline(DiffusionPipeline):
         """Prompts through the pipeline's text encoders by `TextEmbedder`, as training embeds its captions."""
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this pipeline has no text encoder: pass `prompt_embeds`, or load one")
+        for encoder in (self.text_encoder, self.text_encoder_2):
+            if encoder is not None:
+                check_dtype_on_device(encoder.dtype, device)
         embedder = TextEmbedder(self.tokenizer, self.text_encoder, self.config.max_sequence_length,
                                 self.tokenizer_2, self.text_encoder_2)
         return embedder(prompts, device)
@@ -203,19 +268,27 @@ class T2VPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
         return self.scheduler.timesteps
 
-    def _velocity(self, latents, t, text: tuple, guidance_scale: float | None):
-        """Velocity with classifier-free guidance (guidance_scale not None). `text` is (states, mask or None,
-        pooled) from `_text_batch`: the uncond rows, then the cond rows, so both run as one batch."""
-        states, mask, pooled = text
+    def _velocity(self, latents, t, text: TextBatch, guidance_scale: float | None):
+        """Velocity with classifier-free guidance (guidance_scale not None): uncond and cond rows of `text` run
+        as one batch. Without guidance only the cond rows run."""
+        if guidance_scale is not None and text.uncond is None:
+            raise ValueError("guidance_scale rose above 1 during sampling, but the call began without guidance, so "
+                             "no negative prompt was encoded")
+        if guidance_scale is None and text.uncond is not None:
+            text = text.cond_rows()
+        pooled_dim = self.transformer.config.pooled_dim
+        if pooled_dim and text.pooled is None:
+            raise ValueError(f"the transformer takes a pooled text vector (pooled_dim={pooled_dim}); the prompt "
+                             "embeddings have none")
         dtype = self.transformer.dtype
         x = latents if guidance_scale is None else torch.cat([latents, latents])
         timestep = t.expand(x.shape[0]).to(dtype=torch.float32)
         v = self.transformer(
             hidden_states=x.to(dtype),
             timestep=timestep,
-            encoder_hidden_states=states.to(dtype),
-            encoder_attention_mask=mask,
-            pooled_projections=pooled.to(dtype) if self.transformer.config.pooled_dim else None,
+            encoder_hidden_states=text.states.to(dtype),
+            encoder_attention_mask=text.mask,
+            pooled_projections=text.pooled.to(dtype) if pooled_dim else None,
             return_dict=False,
         )[0].float()
         if guidance_scale is None:
@@ -236,8 +309,8 @@ class T2VPipeline(DiffusionPipeline):
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
-        prompt_embeds: TextEmbeddings | None = None,
-        negative_prompt_embeds: TextEmbeddings | None = None,
+        prompt_embeds: TextEmbeddings | torch.Tensor | None = None,
+        negative_prompt_embeds: TextEmbeddings | torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end=None,
@@ -248,12 +321,16 @@ class T2VPipeline(DiffusionPipeline):
         num_frames, height, width = settings["num_frames"], settings["height"], settings["width"]
         steps, guidance_scale = settings["num_inference_steps"], settings["guidance_scale"]
 
-        # 1. check inputs
+        # 1. check inputs (embeddings as one tensor, as diffusers pipelines take them: every token real, no pooled)
+        prompt_embeds, negative_prompt_embeds = (
+            TextEmbeddings(states=e, mask=None, pooled=None) if isinstance(e, torch.Tensor) else e
+            for e in (prompt_embeds, negative_prompt_embeds)
+        )
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, prompt_embeds, negative_prompt_embeds,
                           steps, guidance_scale, num_videos_per_prompt, output_type,
                           callback_on_step_end_tensor_inputs)
+        self._guidance_scale, self._interrupt, self._current_timestep = guidance_scale, False, None
         device = self._execution_device
-        do_cfg = guidance_scale > 1.0
 
         # 2. encode prompt (and the negative prompt for classifier-free guidance)
         if prompt_embeds is None:
@@ -262,7 +339,7 @@ class T2VPipeline(DiffusionPipeline):
         batch = prompt_embeds.states.shape[0]
         cond = _repeat(prompt_embeds, num_videos_per_prompt)
         uncond = None
-        if do_cfg:
+        if self.do_classifier_free_guidance:
             if negative_prompt_embeds is None:
                 negatives = negative_prompt if negative_prompt is not None else ""
                 negatives = [negatives] * batch if isinstance(negatives, str) else list(negatives)
@@ -279,18 +356,22 @@ class T2VPipeline(DiffusionPipeline):
             batch * num_videos_per_prompt, num_frames, height, width, torch.float32, device, generator, latents
         )
 
-        # 5. denoise
-        text = _text_batch(cond, uncond)
+        # 5. denoise (the callback may change the guidance of the steps left, or interrupt)
+        text = _text_batch(cond, uncond, cut_padding=self.transformer.config.mask_text_padding)
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                v = self._velocity(latents, t, text, guidance_scale if do_cfg else None)
+                if self.interrupt:
+                    break
+                self._current_timestep = t
+                v = self._velocity(latents, t, text, self._guidance_scale if self.do_classifier_free_guidance else None)
                 latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents}
                     outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
                     latents = outputs.pop("latents", latents)
                 progress_bar.update()
+        self._current_timestep = None
 
         # 6. decode
         if output_type == "latent":
@@ -305,18 +386,38 @@ class T2VPipeline(DiffusionPipeline):
         return T2VPipelineOutput(frames=video)
 
 
-def _text_batch(cond: TextEmbeddings, uncond: TextEmbeddings | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The text input of every denoising step, built once: (states (B', L', D), mask (B', L') or None, pooled)
-    with the uncond rows (if any), then the cond rows. Cut after the last column that is a real token in
-    some row (the columns dropped are padding everywhere, so attention over them changes nothing); mask None
-    when every remaining token is real, so that cross-attention runs unmasked (the fast SDPA kernels)."""
+@dataclass
+class TextBatch:
+    """The text input of every denoising step: the uncond rows (if any), then the cond rows."""
+
+    states: torch.Tensor  # (B', L, D)
+    mask: torch.Tensor | None  # (B', L) bool; None = attend to every token
+    pooled: torch.Tensor | None  # (B', Dp)
+    uncond: int | None  # how many rows are uncond; None = no guidance rows
+
+    def cond_rows(self) -> TextBatch:
+        n = self.uncond or 0
+        return TextBatch(self.states[n:], None if self.mask is None else self.mask[n:],
+                         None if self.pooled is None else self.pooled[n:], None)
+
+
+def _text_batch(cond: TextEmbeddings, uncond: TextEmbeddings | None, cut_padding: bool = True) -> TextBatch:
+    """The text input of every denoising step, built once. With `cut_padding` (a transformer that masks padding)
+    the states are cut after the last column that is a real token in some row (the columns dropped are padding
+    everywhere, so attention over them changes nothing), and the mask is None when every remaining token is
+    real, so that cross-attention runs unmasked (the fast SDPA kernels). Without it every column is kept and no
+    mask is given: the transformer attends to its padding, as it was trained to."""
     parts = [cond] if uncond is None else [uncond, cond]
+    states = torch.cat([part.states for part in parts])  # (B', L, D)
+    pooled = None if any(part.pooled is None for part in parts) else torch.cat([part.pooled for part in parts])
+    n_uncond = None if uncond is None else uncond.states.shape[0]
+    if not cut_padding:
+        return TextBatch(states, None, pooled, n_uncond)
     mask = torch.cat([_mask(part) for part in parts])  # (B', L)
     real = mask.any(dim=0).nonzero()
     length = int(real.max()) + 1 if len(real) else mask.shape[1]
     mask = mask[:, :length]
-    states = torch.cat([part.states for part in parts])[:, :length]
-    return states, None if bool(mask.all()) else mask, torch.cat([part.pooled for part in parts])
+    return TextBatch(states[:, :length], None if bool(mask.all()) else mask, pooled, n_uncond)
 
 
 def _mask(embeds: TextEmbeddings) -> torch.Tensor:
@@ -332,7 +433,7 @@ def _repeat(embeds: TextEmbeddings, n: int) -> TextEmbeddings:
     return TextEmbeddings(
         states=embeds.states.repeat_interleave(n, dim=0),
         mask=_mask(embeds).repeat_interleave(n, dim=0),
-        pooled=embeds.pooled.repeat_interleave(n, dim=0),
+        pooled=None if embeds.pooled is None else embeds.pooled.repeat_interleave(n, dim=0),
     )
 
 

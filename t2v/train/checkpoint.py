@@ -16,13 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import uuid
 import warnings
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -192,38 +190,3 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> d
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-# RNG: python and numpy states in JSON, torch (CPU, CUDA, explicit generators) as uint8 tensors.
-
-
-def capture_rng(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict]:
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{index}"] = cuda_state
-    for name, generator in generators.items():
-        tensors[f"generator.{name}"] = generator.get_state()
-    meta = {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-    }
-    return tensors, meta
-
-
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, generators: dict[str, torch.Generator]) -> None:
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    cuda_states = [tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in tensors]
-    if torch.cuda.is_available() and cuda_states:
-        torch.cuda.set_rng_state_all(cuda_states)
-    for name, generator in generators.items():
-        key = f"generator.{name}"
-        if key not in tensors:
-            raise ValueError(f"checkpoint has no state for generator {name!r}; it has {sorted(tensors)}")
-        generator.set_state(tensors[key])

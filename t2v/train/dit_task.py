@@ -5,6 +5,9 @@ Data sources (`data.source`):
     cache     sample latents from cached posteriors, use cached text (dropout -> cached "" embedding)
     shapes    in-memory Shapes World batches, encoded on the fly
 
+With `data.condition_frames` (and a DiT with frame_conditioning) some samples are given their first latent
+frame or first k latent frames, whatever the source; the loss covers the other frames.
+
     python scripts/train.py --config configs/train/debug.yaml data.manifest=clips.csv
 """
 
@@ -19,13 +22,15 @@ from torch import nn
 from t2v.config import Config
 from t2v.data.manifest import load_manifest
 from t2v.data.streams import LoaderStream, manifest_stream, next_readable, shapes_stream
-from t2v.flow import flow_matching_loss, flow_shift, num_tokens
+from t2v.flow import first_frames_mask, flow_matching_loss, flow_shift, num_tokens
+from t2v.models.dit import frame_conditioned_input
 from t2v.models.loading import build_model, load_vae
-from t2v.models.text_encoder import TextEmbedder, TextEmbeddings
-from t2v.models.vae_utils import check_clip_shape, latent_channels, normalize_latents
+from t2v.models.text_encoder import TextEmbedder, TextEmbeddings, text_encoder_dtype
+from t2v.models.vae_utils import check_clip_shape, latent_channels, latent_shape, normalize_latents
 from t2v.parallel.distributed import data_parallel_info
 from t2v.runtime import pick_device, seed_everything
 from t2v.train import trainer
+from t2v.train.conditioning import sample_given_frames
 from t2v.train.export import build_pipeline, export_pipeline
 from t2v.train.trainable import freeze
 
@@ -49,7 +54,8 @@ class DiTTask:
             self.vae.use_framewise_encoding = False
         self.text = freeze(
             TextEmbedder.from_pretrained(
-                cfg.model.text_encoder, cfg.model.text_encoder_2 or None, max_length=cfg.model.max_text_length
+                cfg.model.text_encoder, cfg.model.text_encoder_2 or None, max_length=cfg.model.max_text_length,
+                dtype=text_encoder_dtype(cfg.model.text_encoder_dtype, self.device),
             )
         ).to(self.device)
 
@@ -65,6 +71,7 @@ class DiTTask:
         self.use_pooled = config.pooled_dim > 0
         for bucket in cfg.data.buckets or [cfg.data]:
             check_clip_shape(self.vae, config.patch_size, bucket.frames, bucket.height, bucket.width)
+        self._check_frame_conditioning()
 
         # 3. data
         data = cfg.data
@@ -79,6 +86,27 @@ class DiTTask:
         else:
             self.dataset = None
             self.stream = shapes_stream(cfg, rank, self.device, data.caption_dropout)
+
+    def _check_frame_conditioning(self) -> None:
+        """Given frames need a frame-conditioned DiT and clips long enough to leave a frame to generate."""
+        cfg, config = self.cfg, self.model.config
+        given = cfg.data.condition_frames
+        if given.enabled and not config.frame_conditioning:
+            raise ValueError(
+                f"data.condition_frames gives frames, but model.dit={cfg.model.dit!r} has no frame_conditioning; "
+                f"convert it with t2v.models.dit.add_frame_conditioning or set frame_conditioning: true in its YAML"
+            )
+        if given.extend_prob > 0:
+            for bucket in cfg.data.buckets or [cfg.data]:
+                frames = latent_shape(self.vae, bucket.frames, bucket.height, bucket.width)[1]
+                if 1 < frames <= given.extend_max:
+                    raise ValueError(
+                        f"data.condition_frames.extend_max={given.extend_max} leaves no latent frame to generate in "
+                        f"{bucket.frames}-frame clips ({frames} latent frames); use at most {frames - 1}"
+                    )
+        if config.frame_conditioning and (cfg.train.validation_prompts or cfg.train.validation_shapes):
+            raise ValueError("train.validation_prompts and train.validation_shapes sample with T2VPipeline, which "
+                             "takes no frame-conditioned DiT; leave them empty")
 
     def _cache_stream(self, rank: int, world_size: int):
         from t2v.data.buckets import Bucket, BucketBatchSampler
@@ -129,18 +157,30 @@ class DiTTask:
             text = self.text(batch["caption"])
         return normalize_latents(self.vae, z.float()), text
 
+    def given_frames_mask(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """(B, 1, T', 1, 1) bool, True on the latent frames of x0 given clean; None for an unconditioned DiT."""
+        if not self.model.config.frame_conditioning:
+            return None
+        batch, _, frames = x0.shape[:3]
+        given = sample_given_frames(batch, frames, self.cfg.data.condition_frames, generator)
+        return first_frames_mask(given.to(x0.device), frames)
+
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> trainer.StepOutput:
         x0, text = self.encode(batch, generator)
         tokens = num_tokens(x0.shape[2:], self.model.config.patch_size)
         shift = flow_shift(tokens, self.cfg.flow)  # the sampler's shift for this clip shape too
+        frame_mask = self.given_frames_mask(x0, generator)
 
         def velocity(x_t, timestep, states, mask, pooled):
+            if frame_mask is not None:
+                x_t = frame_conditioned_input(x_t, frame_mask)  # (B, C + 1, T', H', W')
             return model(x_t, timestep, states, mask, pooled).sample
 
         flow = self.cfg.flow
         loss = flow_matching_loss(
             velocity, x0, text.states, text.mask, text.pooled if self.use_pooled else None,
             shift=shift, logit_mean=flow.logit_mean, logit_std=flow.logit_std, generator=generator,
+            frame_mask=frame_mask,
         )  # fmt: skip
         return trainer.StepOutput(loss=loss, samples=x0.shape[0], tokens=x0.shape[0] * tokens, metrics={"shift": shift})
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from t2v.config import Config, FlowConfig
+from t2v.eval.retriever import RETRIEVER_CONFIG
 from t2v.models.text_encoder import MINILM
 from t2v.train.trainable import has_lora, merge_lora
 
@@ -80,10 +81,10 @@ def save_atomically(model, out_dir: str, finish: Callable[[str], None] | None = 
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             raise FileExistsError(f"output {out_dir!r} exists and is not a folder")
-        marks = {"config.json", "model_index.json"}
+        marks = {"config.json", "model_index.json", RETRIEVER_CONFIG}
         if os.listdir(out_dir) and not marks & set(os.listdir(out_dir)):
             raise FileExistsError(
-                f"output {out_dir!r} exists and is not a saved model (no config.json or model_index.json); "
+                f"output {out_dir!r} exists and is not a saved model (no {', '.join(sorted(marks))}); "
                 "it would be replaced, so choose a new or model folder"
             )
     parent = os.path.dirname(out_dir)

@@ -1,7 +1,7 @@
 """The retriever task: the video-text dual encoder of `t2v.eval.retriever`, trained with a symmetric InfoNCE
 loss by the shared loop (checkpoints, exact resume, DDP, EMA, metrics.jsonl).
 
-    python scripts/train_retriever.py --config configs/retriever/shapes.yaml train.max_steps=100
+    python scripts/train_retriever.py --config examples/shapes_world/configs/shapes_retriever.yaml train.max_steps=100
     # writes output_dir/{config.yaml, metrics.jsonl, checkpoints/, model/}
 
 Data sources (`data.source`):
@@ -32,6 +32,7 @@ from t2v.eval.retriever import VideoEncoder, VideoTextRetriever, contrastive_los
 from t2v.parallel.distributed import data_parallel_info
 from t2v.runtime import pick_device, seed_everything
 from t2v.train import trainer
+from t2v.train.export import save_atomically
 
 ADAMW_EPS = 1e-6  # CLIP's
 
@@ -223,7 +224,7 @@ class RetrieverTask:
         return metrics
 
     def export(self, model: VideoTextRetriever) -> None:
-        model.save_pretrained(os.path.join(self.cfg.output_dir, "model"))
+        save_atomically(model, os.path.join(self.cfg.output_dir, "model"))
 
 
 def train_retriever(cfg: Config) -> trainer.TrainState:

@@ -1,15 +1,16 @@
 """The training loop shared by every task (DiT, VAE, retriever).
 
 A task owns its models and data and knows its loss; `train(cfg, task)` owns everything else:
-trainable parameters (full, a subset, or LoRA), AdamW, the warm-up + decay schedule, autocast,
-gradient accumulation and clipping, EMA, non-finite-loss skipping, logging, checkpoints with exact
-resume, periodic validation and the final export (with EMA weights).
+trainable parameters (full, a subset, or LoRA: t2v.train.trainable), AdamW, the warm-up + decay schedule
+and EMA (t2v.train.optim), autocast, gradient accumulation and clipping through one backend (plain / DDP or
+DeepSpeed ZeRO: t2v.parallel.backend), non-finite-loss skipping, logging, checkpoints with exact resume
+(t2v.train.checkpoint, t2v.train.rng), periodic validation and the final export (with EMA weights).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ from tqdm.auto import tqdm
 
 from t2v.config import Config, save_config
 from t2v.parallel import distributed as par
+from t2v.parallel.backend import NonFiniteLossError, build_backend
 from t2v.runtime import autocast, autocast_dtype, peak_memory_mb
 from t2v.train import checkpoint as ckpt
+from t2v.train import rng
 from t2v.train.logger import MetricsLogger
 from t2v.train.optim import EMA, build_adamw, build_lr_scheduler, param_groups
 from t2v.train.trainable import compile_model, prepare_trainable
@@ -72,10 +75,6 @@ class TrainState:
     nonfinite_in_a_row: int = 0
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 def _out_of_time(deadline: float | None, device: torch.device, world_size: int) -> bool:
     """True once the wall-clock budget is spent; every rank takes rank 0's answer."""
     if deadline is None:
@@ -89,14 +88,15 @@ def _out_of_time(deadline: float | None, device: torch.device, world_size: int) 
 def train(cfg: Config, task: Task) -> TrainState:
     """Train `task.model` to `cfg.train.max_steps`, resuming from `cfg.resume`; returns the final state.
 
-    distributed.backend "ddp" wraps the model in DDP, "deepspeed" hands model, AdamW and schedule to a ZeRO
-    engine (t2v.parallel); checkpoints hold whole, unwrapped tensors either way. With
-    distributed.sequence_parallel_size P > 1, groups of P ranks share a batch and split its tokens.
+    The entry point joined the launcher's process group before building the task
+    (`init_distributed(cfg.distributed.sequence_parallel_size)`). distributed.backend "ddp" wraps the model in
+    DDP, "deepspeed" hands model, AdamW and schedule to a ZeRO engine (t2v.parallel.backend); checkpoints
+    hold whole, unwrapped tensors either way. With distributed.sequence_parallel_size P > 1, groups of P ranks
+    share a batch and split its tokens.
     """
     tc = cfg.train
-    rank, world_size = par.init_distributed()
+    rank, world_size = par.rank_and_world()
     par.check_launch(cfg.distributed, world_size)
-    par.init_distributed(cfg.distributed.sequence_parallel_size)  # refuses a layout other than the task's
     dp_rank, dp_world = par.data_parallel_info()  # data shard; the ranks of a sequence-parallel group share one
     device = task.device
     dtype = autocast_dtype(tc.mixed_precision, device)  # chosen once for the whole run
@@ -113,60 +113,37 @@ def train(cfg: Config, task: Task) -> TrainState:
     params = prepare_trainable(model, cfg.model)
     if tc.compile:
         compile_model(model)
-    trained = [p for _, p in params]
     groups = task.param_groups(params, tc) if hasattr(task, "param_groups") else param_groups(params, tc)
     root = ckpt.checkpoint_root(cfg.output_dir)
-    if resume_from is not None:  # weights first: DeepSpeed partitions what the module holds
+    if resume_from is not None:  # weights first: ZeRO partitions what the module holds
         tensors, meta = ckpt.load_checkpoint(resume_from)
         model.load_state_dict(tensors["model"])
-    engine = None
-    if cfg.distributed.backend == "deepspeed":
-        from t2v.parallel import deepspeed_engine
-        from t2v.parallel.zero_ema import ShardedEMA
-
-        engine = deepspeed_engine.initialize(par.shard_sequence(model, cfg.distributed), groups,
-                                             lambda opt: build_lr_scheduler(opt, tc), cfg, world_size)
-        forward_model, optimizer, lr_scheduler = engine, engine.optimizer, engine.lr_scheduler
-    else:
-        optimizer = build_adamw(groups, tc)
-        lr_scheduler = build_lr_scheduler(optimizer, tc)
-        forward_model = par.parallelize(model, cfg.distributed)  # sequence parallel, then DDP on several ranks
-    sequence = par.sequence_parallel_module(forward_model)  # the SequenceParallelDiT inside, or None
-    # DDP / ZeRO average over all ranks; a sequence-parallel group's token-shard gradients must add up: x P.
-    loss_scale = par.gradient_scale(cfg.distributed)
-    ema = None
-    if tc.ema_decay > 0:  # under ZeRO the average is sharded like the fp32 masters it follows
-        ema = (ShardedEMA(engine, params, tc.ema_decay) if engine is not None
-               else EMA(params, tc.ema_decay))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    # Noise, sigmas, latent samples; reseeded per global micro-batch (par.noise_seed), so topology-free.
+    backend = build_backend(model, params, groups, cfg, device,
+                            make_optimizer=functools.partial(build_adamw, cfg=tc),
+                            make_scheduler=functools.partial(build_lr_scheduler, cfg=tc), make_ema=EMA)
+    ema, sequence = backend.ema, backend.sequence  # sequence: the SequenceParallelDiT the loss calls, or None
+    # Noise, sigmas, latent samples; reseeded per global micro-batch (rng.noise_seed), so topology-free.
     generator = torch.Generator(device).manual_seed(tc.seed + rank)
     state = TrainState()
 
     # 2. resume
     if resume_from is not None:
         opt_state = ckpt.unflatten_optimizer_state(tensors.get("optimizer", {}), meta["optimizer"])
-        lr_scheduler.load_state_dict(meta["lr_scheduler"])
-        if engine is not None:
-            deepspeed_engine.load_full_state(engine, groups, tensors["model"], opt_state)
-        else:
-            optimizer.load_state_dict(opt_state)
-        scaler.load_state_dict(meta["scaler"])
+        backend.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        backend.load_full_state(tensors["model"], opt_state)
+        backend.scaler.load_state_dict(meta["scaler"])
         if ema is not None:
             if "ema" not in meta:
                 raise ValueError(f"checkpoint {resume_from!r} has no EMA but train.ema_decay={tc.ema_decay}")
             ema.load(tensors["ema"], meta["ema"])
         task.load_state_dict(meta["task"])
         state = TrainState(**meta["train_state"])
-        par.restore_rng(tensors["rng"], meta["rng"], {"train": generator}, tc.seed, state.step)
+        rng.restore_or_reseed_rng(tensors["rng"], meta["rng"], {"train": generator}, tc.seed, state.step)
 
     def save() -> None:
         # Collective parts first (every rank), then rank 0 writes whole, unwrapped tensors.
-        rng_tensors, rng_meta = par.gather_rng({"train": generator})
-        if engine is not None:
-            model_state, opt_state = deepspeed_engine.full_state(engine, groups)
-        else:
-            model_state, opt_state = model.state_dict(), optimizer.state_dict()
+        rng_tensors, rng_meta = rng.gather_rng({"train": generator})
+        model_state, opt_state = backend.full_state()
         ema_state = ema.state() if ema is not None else None  # collective under ZeRO
         if is_main:
             opt_tensors, opt_meta = ckpt.flatten_optimizer_state(opt_state)
@@ -174,8 +151,8 @@ def train(cfg: Config, task: Task) -> TrainState:
             meta = {
                 "train_state": vars(state).copy(),
                 "optimizer": opt_meta,
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
+                "lr_scheduler": backend.lr_scheduler.state_dict(),
+                "scaler": backend.scaler.state_dict(),
                 "task": task.state_dict(),
                 "rng": rng_meta,
             }
@@ -185,13 +162,10 @@ def train(cfg: Config, task: Task) -> TrainState:
         if world_size > 1:
             dist.barrier()
 
-    def whole_params():  # ZeRO-3 gathers the partitioned parameters (every rank enters)
-        return deepspeed_engine.gathered(engine) if engine is not None else contextlib.nullcontext()
-
     def single_device():  # the model without the sequence-parallel hook, for rank 0 alone
         return sequence.detached() if sequence is not None else contextlib.nullcontext()
 
-    def ema_weights():  # every rank enters (collective under ZeRO), inside whole_params()
+    def ema_weights():  # every rank enters (collective under ZeRO), inside backend.gathered()
         return ema.swapped_in() if ema is not None else contextlib.nullcontext()
 
     # 3. the loop
@@ -209,66 +183,35 @@ def train(cfg: Config, task: Task) -> TrainState:
             batch = task.next_batch()
             if sequence is not None and micro == 0 and state.step == start_step:
                 par.check_same_batch(batch, sequence.group)
-            generator.manual_seed(par.noise_seed(tc.seed, par.micro_batch_index(
+            generator.manual_seed(rng.noise_seed(tc.seed, rng.micro_batch_index(
                 state.step, micro, tc.grad_accum, dp_rank, dp_world)))
             last = micro == tc.grad_accum - 1
-            with par.sync_gradients(forward_model, last):
+            with backend.accumulating(last):
                 with autocast(device, dtype):
-                    out = task.loss(forward_model, batch, generator)
-                if engine is not None:
-                    # A non-finite loss makes every gradient NaN, so the engine's own overflow check (a global,
-                    # all-reduced verdict) discards the accumulated gradients and skips AdamW and the LR schedule.
-                    poison = torch.where(torch.isfinite(out.loss), 1.0, float("nan")).detach()
-                    engine.backward(out.loss * poison * loss_scale)  # DeepSpeed divides by grad_accum itself
-                    if not last:
-                        engine.step()  # counts the micro-batch; updates only at the accumulation boundary
-                else:
-                    scaler.scale(out.loss * loss_scale / tc.grad_accum).backward()
+                    out = task.loss(backend.forward_model, batch, generator)
+                backend.backward(out.loss, last)
             step_loss += out.loss.detach() / tc.grad_accum
             samples, tokens, extra = samples + out.samples, tokens + out.tokens, out.metrics
         if world_size > 1:
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
 
-        # 3b. update: DeepSpeed clips and steps inside its engine; otherwise clip here. A non-finite loss
-        # (the all-reduced one, so every rank agrees) or gradient skips the update.
+        # 3b. update (clip, AdamW, LR schedule); a non-finite loss (the all-reduced one, so every rank agrees)
+        # or gradient skips it
         loss_value = step_loss.item()
-        if engine is not None:
-            engine.step()  # clip, AdamW, LR schedule, zero gradients; skipped on non-finite gradients
-            grad_norm = torch.as_tensor(float(engine.get_global_grad_norm() or 0.0))
-            applied = engine.was_step_applied()
-            if applied and not math.isfinite(loss_value):
-                raise NonFiniteLossError(f"non-finite loss {loss_value} at step {state.step} but DeepSpeed applied "
-                                         "the update (is its bf16 check_grad_overflow off?); last good checkpoint: "
-                                         f"{ckpt.latest_checkpoint(root) or 'none'}")
-            # With fp16 the engine's loss scaler skips updates whose gradients overflowed, as GradScaler does.
-            skip = not applied and tc.mixed_precision != "fp16"
-        else:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            # With fp16 the scaler itself skips updates whose gradients overflowed.
-            skip = not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(grad_norm.item()))
-            if skip:
-                if scaler.is_enabled():
-                    scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-        if skip:
+        skipped, grad_norm = backend.step(loss_value)
+        if skipped:
             state.nonfinite_in_a_row += 1
-            logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm.item(), "skipped_nonfinite": True,
+            logger.log(state.step, {"loss": loss_value, "grad_norm": grad_norm, "skipped_nonfinite": True,
                                     "nonfinite_in_a_row": state.nonfinite_in_a_row})
             if state.nonfinite_in_a_row >= tc.max_nonfinite_steps:
-                last = ckpt.latest_checkpoint(root)
+                last_good = ckpt.latest_checkpoint(root)
                 logger.close()
                 progress.close()
                 raise NonFiniteLossError(
                     f"stopping at step {state.step}: {state.nonfinite_in_a_row} non-finite losses in a row "
-                    f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); last good checkpoint: {last or 'none'}"
+                    f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); last good checkpoint: {last_good or 'none'}"
                 )
             continue
-        if engine is None:
-            scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
-            scaler.update()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
         if hasattr(task, "after_update"):
             task.after_update(model)
         if ema is not None:
@@ -286,8 +229,8 @@ def train(cfg: Config, task: Task) -> TrainState:
             elapsed = max(time.perf_counter() - window["start"], 1e-9)
             metrics = {
                 "loss": window["loss"] / window["updates"],
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm.item(),
+                "lr": backend.lr_scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
                 "samples_per_s": window["samples"] / elapsed,
                 "tokens_per_s": window["tokens"] / elapsed,
                 "peak_mem_mb": peak_memory_mb(device),
@@ -301,7 +244,7 @@ def train(cfg: Config, task: Task) -> TrainState:
         if tc.ckpt_every and state.step % tc.ckpt_every == 0 and state.step < tc.max_steps:
             save()
         if tc.validate_every and state.step % tc.validate_every == 0:
-            with whole_params(), ema_weights(), single_device():
+            with backend.gathered(), ema_weights(), single_device():
                 if is_main:
                     model.eval()
                     with torch.no_grad(), autocast(device, dtype):
@@ -314,7 +257,7 @@ def train(cfg: Config, task: Task) -> TrainState:
     save()
     if sequence is not None:
         sequence.close()
-    with whole_params(), ema_weights():
+    with backend.gathered(), ema_weights():
         if is_main:
             model.eval()
             with torch.no_grad():

@@ -5,7 +5,7 @@ Reports PSNR and SSIM on held-out clips; at the end sets `scaling_factor` / `shi
 latents of a few batches (normalised latents get zero mean and unit std) and saves the VAE with
 `save_pretrained` to `{output_dir}/vae/`.
 
-    python scripts/train_vae.py --config configs/train/shapes_vae.yaml
+    python scripts/train_vae.py --config examples/shapes_world/configs/shapes_vae.yaml
 """
 
 from __future__ import annotations

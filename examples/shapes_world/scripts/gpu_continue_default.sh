@@ -43,7 +43,7 @@ fi
 # shellcheck disable=SC2086  # DIT_ARGS is a list of key=value overrides
 python scripts/train.py --config "$WORLD/configs/shapes_dit.yaml" output_dir="$RUN/dit" \
     model.dit=t2v/assets/default_model/transformer model.vae=t2v/assets/default_model/vae \
-    data.batch_size="${BATCH:-256}" data.wordings=wide train.seed="${SEED:-7}" train.lr="${LR:-3e-4}" \
+    data.batch_size="${BATCH:-256}" data.shapes.wordings=wide train.seed="${SEED:-7}" train.lr="${LR:-3e-4}" \
     train.warmup_steps=100 train.lr_schedule=linear train.max_steps="${MAX_STEPS:-3000}" \
     train.max_minutes="${DIT_MIN:-10}" train.validation_prompts=[] train.ckpt_every=100000 train.log_every=50 \
     train.ema_decay=0.999 train.validation_guidance_scale=3.0 ${DIT_ARGS:-} > "$RES/train.log" 2>&1

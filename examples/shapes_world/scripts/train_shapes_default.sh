@@ -65,7 +65,7 @@ if [ ! -f "$RUN/dit_cooldown3/pipeline/model_index.json" ]; then
 fi
 if [ "${RETRIEVER:-1}" = "1" ] && [ ! -f "$RUN/retriever/model/retriever.json" ]; then
   echo "[shapes] 7/8 retriever"
-  python scripts/train_retriever.py --config configs/retriever/shapes.yaml output_dir="$RUN/retriever" \
+  python scripts/train_retriever.py --config examples/shapes_world/configs/shapes_retriever.yaml output_dir="$RUN/retriever" \
     resume=latest ${RETRIEVER_ARGS:-}
 fi
 if [ "${SHIP:-1}" = "1" ]; then

@@ -2,7 +2,7 @@
 
 Categories: seen, heldout, paraphrase, two_object (see `t2v.data.shapes.make_prompts`).
 
-    python examples/shapes_world/scripts/make_shapes_prompts.py --out prompts/shapes_eval.jsonl --seed 0 [--render-real DIR]
+    python scripts/make_shapes_prompts.py --out prompts/shapes_eval.jsonl --seed 0 [--render-real DIR]
 
 `--render-real DIR` also renders the real video of every prompt (its ground-truth record) into DIR with a
 manifest.jsonl, the reference that `scripts/evaluate.py --stage score --videos DIR` scores for the same

@@ -1,9 +1,9 @@
 """Write a Shapes World data set: mp4 clips and a manifest.csv with captions, canonical captions and records.
 
-    python examples/shapes_world/scripts/make_shapes_dataset.py --out data/shapes_train --num 2000 --seed 0 --split train
+    python scripts/make_shapes_dataset.py --out data/shapes_train --num 2000 --seed 0 --split train
     # one caption per clip drawn as the in-memory training stream draws them (half canonical), for a latent
     # cache; the clips are those of the same seed without the option
-    python examples/shapes_world/scripts/make_shapes_dataset.py --out data/shapes_cache_src --num 20000 --seed 1 --canonical-prob 0.5
+    python scripts/make_shapes_dataset.py --out data/shapes_cache_src --num 20000 --seed 1 --canonical-prob 0.5
 """
 
 import argparse
