@@ -24,6 +24,8 @@ LAYERS = {
     # The root package is the facade users import (`t2v.DEFAULT_MODEL`, lazy `t2v.T2VPipeline`): above every
     # layer, so no library module may import it.
     "facade": (6, ("t2v",)),
+    # The web app's page (t2v-app, app.py) may import anything; nothing in the library imports it.
+    "app": (7, ("t2v.app",)),
 }
 
 
