@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from t2v.pipelines import T2VPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device!r} is not a torch device")
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {device!r} asked for but CUDA is not available")
     quiet_loading()

@@ -36,7 +36,8 @@ def test_without_gradio_the_app_says_how_to_install_it():
 
 @pytest.mark.parametrize("args, message", [(["--model", "no/such/folder"], "has no model_index.json"),
                                            (["--port", "0"], "--port 0 must be in 1..65535"),
-                                           (["--out-dir", "app.py"], "is an existing file")])
+                                           (["--out-dir", "app.py"], "is an existing file"),
+                                           (["--device", "toaster"], "is not a torch device")])
 def test_bad_arguments_exit_2(args, message):
     pytest.importorskip("gradio")
     r = _app(*args)
