@@ -277,7 +277,8 @@ def _generate_over_ranks(job: tuple, batches: list[range], out_dir: Path, overwr
     way N processes write byte-identical videos to one process (at the same thread count). Rank 0 makes and
     locks the folder and its temporary folder; every rank writes its videos there; after all have finished
     (an all-gather of their rows, which is the barrier), rank 0 writes the one manifest in prompt order and
-    moves everything in. A failure on any rank fails every rank, and nothing is moved in."""
+    moves everything in. A failure on any rank fails every rank, and nothing is moved in. On several nodes,
+    `out_dir` must be on a filesystem that every rank sees."""
     rank, world = dist.get_rank(), dist.get_world_size()
     with contextlib.ExitStack() as folder:
         # 1. rank 0 takes the folder; every rank learns the temporary folder, or why the folder is refused
@@ -285,10 +286,10 @@ def _generate_over_ranks(job: tuple, batches: list[range], out_dir: Path, overwr
         if rank == 0:
             try:
                 shared = [str(folder.enter_context(_output_folder(out_dir, overwrite)))]
-            except ValueError as e:
+            except Exception as e:  # a refused folder (ValueError) or one that cannot be made: every rank raises it
                 shared = [e]
         dist.broadcast_object_list(shared, src=0)
-        if isinstance(shared[0], ValueError):
+        if isinstance(shared[0], Exception):
             raise shared[0]
         tmp = Path(shared[0])
 
