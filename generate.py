@@ -92,46 +92,20 @@ def _warn_long_prompts(pipe, prompts: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser, args, prompts = parse_and_check(argv)
-    import torch
     import torch.distributed as dist
 
     import t2v
-    from t2v.generation import (
-        GenerationSettings,
-        compile_transformer,
-        generate_to_folder,
-        quiet_loading,
-        set_sampler,
-    )
+    from t2v.generation import GenerationSettings, generate_to_folder, load_pipeline
     from t2v.parallel.distributed import init_distributed
-    from t2v.pipelines import T2VPipeline
 
     # Under torchrun every process checks the same arguments; then they join one group (its CUDA device is
     # this process's LOCAL_RANK) and share out the batches.
     rank, world_size = init_distributed()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and world_size > 1:
-        device = f"cuda:{torch.cuda.current_device()}"
     try:
-        torch.device(device)
-    except RuntimeError:
-        parser.error(f"--device {device!r} is not a torch device")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {device!r} asked for but CUDA is not available")
-    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype_name == "float16" and torch.device(device).type == "cpu":
-        parser.error("--dtype float16 is not supported on CPU (about 50x slower); use float32 or bfloat16")
-    model_dir = args.model or t2v.DEFAULT_MODEL
-    if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
-        parser.error(f"model folder {model_dir!r} has no model_index.json (not a diffusers pipeline folder)")
-
-    quiet_loading()
-    pipe = T2VPipeline.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    set_sampler(pipe, args.shift, args.solver)
-    if args.compile:
-        compile_transformer(pipe)
+        pipe = load_pipeline(args.model or t2v.DEFAULT_MODEL, args.device, args.dtype, args.shift, args.solver,
+                             compile=args.compile)
+    except ValueError as error:
+        parser.error(str(error))
     settings = GenerationSettings(
         num_frames=args.num_frames,
         height=args.height,

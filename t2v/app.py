@@ -177,31 +177,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port} must be in 1..65535")
     import t2v
+    from t2v.generation import load_pipeline
 
     model_dir = args.model or t2v.DEFAULT_MODEL
-    if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
-        parser.error(f"model folder {model_dir!r} has no model_index.json (not a diffusers pipeline folder)")
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"--out-dir {args.out_dir!r} is an existing file")
-    import torch
-
-    from t2v.generation import compile_transformer, quiet_loading
-    from t2v.pipelines import T2VPipeline
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        torch.device(device)
-    except RuntimeError:
-        parser.error(f"--device {device!r} is not a torch device")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {device!r} asked for but CUDA is not available")
-    quiet_loading()
-    pipe = T2VPipeline.from_pretrained(model_dir, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    if args.compile:
-        compile_transformer(pipe)
+        pipe = load_pipeline(model_dir, args.device, compile=args.compile)
+    except ValueError as error:
+        parser.error(str(error))
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=out_dir)  # new: nothing is overwritten
     demo = build_demo(Studio(pipe, run_dir, args.model or "the shipped default"))

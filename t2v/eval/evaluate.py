@@ -29,7 +29,7 @@ from t2v.eval.scorers import load_scorer
 from t2v.eval.shapes_readback import read_back, score
 from t2v.eval.similarity import r_precision
 from t2v.eval.temporal import dynamic_degree, motion_smoothness, temporal_flicker
-from t2v.generation import GenerationSettings, generate_to_folder, read_prompt_file, set_sampler
+from t2v.generation import GenerationSettings, generate_to_folder, load_pipeline, read_prompt_file
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -123,16 +123,8 @@ def generate_stage(
     folder. `shift`/`solver` replace the model's sampler; `dtype` defaults to float32 on CPU, bfloat16 on CUDA.
     `distributed`: every rank of the initialized process group calls this and samples its share of the batches
     (`t2v.generation.generate_to_folder`); "cuda" is each rank's current device."""
-    from t2v.pipelines import T2VPipeline
-
     rows = read_prompts(prompts_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype == "float16" and device == "cpu":
-        raise ValueError("--dtype float16 is not supported on CPU (about 50x slower); use float32 or bfloat16")
-    pipe = T2VPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype)).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    set_sampler(pipe, shift, solver)
+    pipe = load_pipeline(model, device, dtype, shift, solver)
     extra = [{key: row[key] for key in ("category", "record") if key in row} for row in rows]
     for key, value in (("flow_shift", shift), ("solver", solver)):  # settings that differ from the model's
         if value is not None:
