@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     import t2v
-    from t2v.generation import GenerationSettings, generate_to_folder, load_pipeline
+    from t2v.generation import GenerationSettings, generate_to_folder
     from t2v.parallel.distributed import init_distributed
+    from t2v.pipelines.loading import load_pipeline
 
     # Under torchrun every process checks the same arguments; then they join one group (its CUDA device is
     # this process's LOCAL_RANK) and share out the batches.

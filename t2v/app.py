@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port} must be in 1..65535")
     import t2v
-    from t2v.generation import load_pipeline
+    from t2v.pipelines.loading import load_pipeline
 
     model_dir = args.model or t2v.DEFAULT_MODEL
     out_dir = Path(args.out_dir)

@@ -88,47 +88,6 @@ def set_sampler(pipe, shift: float | None = None, solver: str | None = None) -> 
                                                           use_dynamic_shifting=False)
 
 
-def load_pipeline(model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
-                  shift: float | None = None, solver: str | None = None, compile: bool = False):
-    """The pipeline of `model_dir` on `device` in `dtype`, ready to sample: the one loader of generate.py, the
-    evaluation's generate stage and the app.
-
-    `device` defaults to CUDA when available (under an initialised process group, "cuda" is this rank's
-    current device), `dtype` ("float32", "bfloat16", "float16") to bfloat16 on CUDA and float32 on CPU, where
-    float16 is refused. `shift`/`solver` replace the model's sampler (`set_sampler`); `compile` compiles the
-    transformer's blocks. Bad values raise ValueError naming them, before any weights are read.
-    """
-    from t2v.pipelines import T2VPipeline
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
-        device = f"cuda:{torch.cuda.current_device()}"
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a torch device") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r} asked for but CUDA is not available")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype!r} must be float32, bfloat16 or float16")
-    if dtype == "float16" and torch.device(device).type == "cpu":
-        raise ValueError("--dtype float16 is not supported on CPU (about 50x slower); use float32 or bfloat16")
-    if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
-        raise ValueError(f"model folder {os.fspath(model_dir)!r} has no model_index.json (not a diffusers "
-                         "pipeline folder)")
-    if error := sampler_error(shift, solver):
-        raise ValueError(error)
-    quiet_loading()
-    pipe = T2VPipeline.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    set_sampler(pipe, shift, solver)
-    if compile:
-        compile_transformer(pipe)
-    return pipe
-
-
 def quiet_loading() -> None:
     """Silence the loading reports and progress bars of diffusers and transformers, which would bury an entry
     point's own one-line messages."""

@@ -29,7 +29,8 @@ from t2v.eval.scorers import load_scorer
 from t2v.eval.shapes_readback import read_back, score
 from t2v.eval.similarity import r_precision
 from t2v.eval.temporal import dynamic_degree, motion_smoothness, temporal_flicker
-from t2v.generation import GenerationSettings, generate_to_folder, load_pipeline, read_prompt_file
+from t2v.generation import GenerationSettings, generate_to_folder, read_prompt_file
+from t2v.pipelines.loading import load_pipeline
 
 
 # --------------------------------------------------------------------------------------------- inputs
