@@ -83,6 +83,8 @@ def set_sampler(pipe, shift: float | None = None, solver: str | None = None) -> 
                                                  flow_shift=shift)
     elif solver == "euler" and not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
         pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift or 1.0)
+    elif shift is not None and isinstance(pipe.scheduler, UniPCMultistepScheduler):  # Wan's: `flow_shift`
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=shift)
     elif shift is not None:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=shift,
                                                           use_dynamic_shifting=False)

@@ -509,3 +509,13 @@ def test_training_task_takes_a_converted_wan_and_its_text_encoder(wan_folder, tm
     assert torch.isfinite(out.loss)
     with pytest.raises(ValueError, match="a float16 text encoder cannot run on the CPU"):
         DiTTask(load_config(None, [*overrides, "model.text_encoder_dtype=fp16"]))
+
+
+def test_a_fixed_shift_reaches_wans_unipc_scheduler(wan_folder):
+    """generate.py --shift S on a Wan folder: UniPC's shift is `flow_shift`, and it must change."""
+    from t2v.generation import set_sampler
+
+    pipe = T2VPipeline.from_pretrained(wan_folder)
+    assert isinstance(pipe.scheduler, UniPCMultistepScheduler)
+    set_sampler(pipe, shift=7.0)
+    assert isinstance(pipe.scheduler, UniPCMultistepScheduler) and pipe.scheduler.config.flow_shift == 7.0
