@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer's blocks (the first batch pays the compilation)")
+    p.add_argument("--memory", choices=["fast", "balanced", "low"], default="fast",
+                   help="memory preset (t2v.pipelines.memory): fast = all on the device; balanced = model CPU "
+                        "offload, VAE tiling and slicing; low = fp8 transformer weights, group offloading, VAE "
+                        "tiling and slicing (default: fast)")
+    p.add_argument("--cache", type=float, default=None, metavar="THRESHOLD",
+                   help="first-block step cache: reuse the last computed step's output of the blocks after the "
+                        "first when the first block's output changed by less than THRESHOLD (relative mean "
+                        "absolute change); off by default")
     return p
 
 
@@ -73,6 +81,8 @@ def parse_and_check(argv: list[str] | None = None):
         parser.error(f"--out-dir: {error}")
     if (error := sampler_error(args.shift, args.solver)) is not None:
         parser.error(f"--shift {args.shift} --solver {args.solver}: {error}")
+    if args.cache is not None and not args.cache >= 0:
+        parser.error(f"--cache {args.cache} must be a threshold of at least 0")
     if args.model is not None and not os.path.isdir(args.model):
         parser.error(f"--model {args.model!r} is not a folder")
     return parser, args, prompts
@@ -94,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser, args, prompts = parse_and_check(argv)
     import torch
     import torch.distributed as dist
+    from diffusers.hooks import FirstBlockCacheConfig
 
     import t2v
     from t2v.generation import (
@@ -105,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from t2v.parallel.distributed import init_distributed
     from t2v.pipelines import T2VPipeline
+    from t2v.pipelines.memory import apply_memory_preset
 
     # Under torchrun every process checks the same arguments; then they join one group (its CUDA device is
     # this process's LOCAL_RANK) and share out the batches.
@@ -127,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_loading()
     pipe = T2VPipeline.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
-    pipe.to(device)
+    apply_memory_preset(pipe, args.memory, device)
+    if args.cache is not None:
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=args.cache))
     pipe.set_progress_bar_config(disable=True)
     set_sampler(pipe, args.shift, args.solver)
     if args.compile:

@@ -1,5 +1,8 @@
 """Memory presets and first-block step caching on a tiny pipeline."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -80,3 +83,21 @@ def test_large_cache_threshold_skips_steps_and_resets_between_calls(reference):
     assert count[0] == 2
     pipe.transformer.disable_cache()
     np.testing.assert_array_equal(_frames(pipe), reference)
+
+
+def _generate(*args):
+    return subprocess.run([sys.executable, "generate.py", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_generate_takes_a_memory_preset_and_a_cache_threshold(tmp_path):
+    model = tmp_path / "tiny"
+    tiny_pipeline().save_pretrained(model)
+    r = _generate("a red circle", "--model", model, "--out-dir", tmp_path / "out", "--steps", 3,
+                  "--memory", "low", "--cache", "0.1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "00000.mp4").is_file()
+    r = _generate("a red circle", "--model", model, "--out-dir", tmp_path / "bad", "--cache", "-1")
+    assert r.returncode == 2 and "--cache -1.0 must be a threshold of at least 0" in r.stderr
+    r = _generate("a red circle", "--model", model, "--out-dir", tmp_path / "bad", "--memory", "tiny")
+    assert r.returncode == 2 and "invalid choice: 'tiny'" in r.stderr
