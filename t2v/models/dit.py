@@ -314,6 +314,10 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
 
     `frame_conditioning`: the input has one more channel after the latents, the given-frame mask (1 on
     latent frames given clean, 0 on frames to generate); build it with `frame_conditioned_input`.
+
+    Step caching is diffusers' (`CacheMixin`), off by default: `enable_cache(FirstBlockCacheConfig(threshold))`
+    skips the blocks after the first on a step whose first-block output moved by less than `threshold` (mean
+    absolute change relative to the last computed step's), reusing that step's residual of the other blocks.
     """
 
     _supports_gradient_checkpointing = True
