@@ -1,5 +1,6 @@
 """Memory presets and first-block step caching on a tiny pipeline."""
 
+import json
 import subprocess
 import sys
 
@@ -101,3 +102,17 @@ def test_generate_takes_a_memory_preset_and_a_cache_threshold(tmp_path):
     assert r.returncode == 2 and "--cache -1.0 must be a threshold of at least 0" in r.stderr
     r = _generate("a red circle", "--model", model, "--out-dir", tmp_path / "bad", "--memory", "tiny")
     assert r.returncode == 2 and "invalid choice: 'tiny'" in r.stderr
+
+
+def test_quick_eval_counts_the_steps_each_cache_threshold_computes(tmp_path):
+    model = tmp_path / "tiny"
+    tiny_pipeline().save_pretrained(model)
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "examples/shapes_world/scripts/quick_eval_shapes.py", "--model", str(model),
+                        "--per-category", "1", "--steps", "3", "--cache", "none", "0", "1e9", "--device", "cpu",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    computed = {key: result[key]["steps_computed"] for key in result if "_cache_" in key}
+    assert computed == {"guidance_3_cache_none": 3, "guidance_3_cache_0": 3, "guidance_3_cache_1e+09": 1}
+    assert result["guidance_3_cache_0"]["seen"] == result["guidance_3_cache_none"]["seen"]
