@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer's blocks (the first batch pays the compilation)")
+    p.add_argument("--memory", choices=["fast", "balanced", "low"], default="fast",
+                   help="memory preset (t2v.pipelines.memory): fast = all on the device; balanced = model CPU "
+                        "offload, VAE tiling and slicing; low = fp8 transformer weights, group offloading, VAE "
+                        "tiling and slicing (default: fast)")
+    p.add_argument("--cache", type=float, default=None, metavar="THRESHOLD",
+                   help="first-block step cache: reuse the last computed step's output of the blocks after the "
+                        "first when the first block's output changed by less than THRESHOLD (relative mean "
+                        "absolute change); off by default")
     return p
 
 
@@ -73,6 +81,8 @@ def parse_and_check(argv: list[str] | None = None):
         parser.error(f"--out-dir: {error}")
     if (error := sampler_error(args.shift, args.solver)) is not None:
         parser.error(f"--shift {args.shift} --solver {args.solver}: {error}")
+    if args.cache is not None and not args.cache >= 0:
+        parser.error(f"--cache {args.cache} must be a threshold of at least 0")
     if args.model is not None and not os.path.isdir(args.model):
         parser.error(f"--model {args.model!r} is not a folder")
     return parser, args, prompts
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = init_distributed()
     try:
         pipe = load_pipeline(args.model or t2v.DEFAULT_MODEL, args.device, args.dtype, args.shift, args.solver,
-                             compile=args.compile)
+                             compile=args.compile, memory=args.memory, cache=args.cache)
     except ValueError as error:
         parser.error(str(error))
     settings = GenerationSettings(

@@ -31,6 +31,7 @@ Read top to bottom: helpers (timestep embedding, 3D RoPE), attention modules, th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -39,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
@@ -260,7 +262,7 @@ class VideoDiTBlock(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        hidden_states: torch.Tensor,
         context: torch.Tensor,
         context_mask: torch.Tensor | None,
         modulation: torch.Tensor,
@@ -268,6 +270,8 @@ class VideoDiTBlock(nn.Module):
         rope_sin: torch.Tensor,
         grid: tuple[int, int, int],
     ) -> torch.Tensor:
+        # The tokens are named `hidden_states`, as diffusers' block hooks (first-block cache) look them up.
+        x = hidden_states
         # x: (B, N, D); modulation: (B, num_modulations, D) shared across blocks. The gates are fp32, so a
         # gated sum is fp32; it is kept in the parameters' dtype: an fp32 residual stream for fp32 weights
         # (autocast training), bf16 tokens for a model loaded in bf16.
@@ -293,7 +297,7 @@ class VideoDiTBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     """Text-conditioned video DiT predicting the flow-matching velocity of latents (B, C, T, H, W).
 
     `forward` is factored for sequence parallelism: `prepare_tokens` (patchify + RoPE tables, the tensors
@@ -310,6 +314,10 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     `frame_conditioning`: the input has one more channel after the latents, the given-frame mask (1 on
     latent frames given clean, 0 on frames to generate); build it with `frame_conditioned_input`.
+
+    Step caching is diffusers' (`CacheMixin`), off by default: `enable_cache(FirstBlockCacheConfig(threshold))`
+    skips the blocks after the first on a step whose first-block output moved by less than `threshold` (mean
+    absolute change relative to the last computed step's), reusing that step's residual of the other blocks.
     """
 
     _supports_gradient_checkpointing = True
@@ -493,6 +501,16 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for module in self.modules():
             if isinstance(module, SelfAttention):
                 module.__dict__["attention_hook"] = fn
+
+    # -- step caching --------------------------------------------------------------------------------
+
+    def enable_cache(self, config) -> None:
+        """diffusers' `CacheMixin.enable_cache` (e.g. `FirstBlockCacheConfig(threshold)`), with `VideoDiTBlock`
+        made known to diffusers' block hooks: its output is the tokens alone, no text stream is returned."""
+        from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+        TransformerBlockRegistry.register(VideoDiTBlock, TransformerBlockMetadata(return_hidden_states_index=None))
+        super().enable_cache(config)
 
     # -- forward, factored ---------------------------------------------------------------------------
 
@@ -679,8 +697,10 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         tokens, rope_cos, rope_sin, grid = self.prepare_tokens(hidden_states)  # (B, N, D)
         # 2. conditioning: timestep (+ pooled text) vector, shared modulation, text tokens
         cond, modulation, context = self.embed_conditions(timestep, encoder_hidden_states, pooled_projections)
-        # 3. transformer blocks
-        tokens = self.forward_blocks(tokens, context, context_mask, modulation, rope_cos, rope_sin, grid)
+        # 3. transformer blocks (with a step cache, one cache state serves every call of a sampling run: the
+        # pipeline resets it at the end of each run)
+        with self.cache_context("denoise") if self.is_cache_enabled else contextlib.nullcontext():
+            tokens = self.forward_blocks(tokens, context, context_mask, modulation, rope_cos, rope_sin, grid)
         # 4. final layer and unpatchify
         out = self.unpatchify(self.final_layer(tokens, cond), grid)  # (B, C_out, T, H, W)
         out = out.to(hidden_states.dtype)

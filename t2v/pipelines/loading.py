@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.distributed as dist
+from diffusers.hooks import FirstBlockCacheConfig
 
 from t2v.generation import compile_transformer, quiet_loading, sampler_error, set_sampler
+from t2v.pipelines.memory import MEMORY_PRESETS, apply_memory_preset
 from t2v.pipelines.pipeline_t2v import T2VPipeline
 
 
 def load_pipeline(model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
-                  shift: float | None = None, solver: str | None = None, compile: bool = False):
+                  shift: float | None = None, solver: str | None = None, compile: bool = False,
+                  memory: str = "fast", cache: float | None = None):
     """The pipeline of `model_dir` on `device` in `dtype`, ready to sample: the one loader of generate.py, the
     evaluation's generate stage and the app.
 
     `device` defaults to CUDA when available (under an initialised process group, "cuda" is this rank's
     current device), `dtype` ("float32", "bfloat16", "float16") to bfloat16 on CUDA and float32 on CPU, where
     float16 is refused. `shift`/`solver` replace the model's sampler (`set_sampler`); `compile` compiles the
-    transformer's blocks. Bad values raise ValueError naming them, before any weights are read.
+    transformer's blocks; `memory` is a preset of `t2v.pipelines.memory` (which also places the pipeline on
+    `device`); `cache` a first-block-cache threshold (None: off). Bad values raise ValueError naming them,
+    before any weights are read.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
@@ -40,9 +46,15 @@ def load_pipeline(model_dir: str | os.PathLike, device: str | None = None, dtype
                          "pipeline folder)")
     if error := sampler_error(shift, solver):
         raise ValueError(error)
+    if memory not in MEMORY_PRESETS:
+        raise ValueError(f"--memory {memory!r} is unknown; choose one of {', '.join(MEMORY_PRESETS)}")
+    if cache is not None and not (math.isfinite(cache) and cache >= 0):
+        raise ValueError(f"--cache {cache} must be a finite threshold >= 0")
     quiet_loading()
     pipe = T2VPipeline.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    pipe.to(device)
+    apply_memory_preset(pipe, memory, device)
+    if cache is not None:
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=cache))
     pipe.set_progress_bar_config(disable=True)
     set_sampler(pipe, shift, solver)
     if compile:

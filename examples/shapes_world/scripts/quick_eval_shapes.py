@@ -13,10 +13,15 @@ import json
 import time
 
 import torch
+from diffusers.hooks import FirstBlockCacheConfig
 
 from t2v.data.shapes import PROMPT_CATEGORIES, make_prompts
 from t2v.eval.report import write_json
 from t2v.eval.shapes_eval import generate_frames, readback_by_category
+
+
+def _threshold(text: str) -> float | None:
+    return None if text == "none" else float(text)
 
 
 def main():
@@ -36,9 +41,13 @@ def main():
                         help="diagnostic: 'empty' gives the DiT the empty prompt's pooled vector (text only by tokens)")
     parser.add_argument("--shape-rule", choices=["template", "fill"], default="template",
                         help="shape read-back: template (best soft template) or fill (bounding-box fill)")
+    parser.add_argument("--cache", type=_threshold, nargs="+", default=[None], metavar="THRESHOLD",
+                        help="first-block cache thresholds to try, 'none' = no cache (default: none)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
+    if any(c is not None and not c >= 0 for c in args.cache):
+        raise SystemExit(f"--cache {args.cache}: every threshold must be at least 0")
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size {args.batch_size} must be at least 1")
     from t2v.generation import sampler_error, set_sampler
@@ -59,17 +68,32 @@ def main():
               "shape_rule": args.shape_rule, "pooled": args.pooled,
               "solver": args.solver or type(pipe.scheduler).__name__}
     scheduler = pipe.scheduler
-    for shift, guidance in [(s, g) for s in args.shift for g in args.guidance]:
+    # Steps whose blocks after the first ran (a cached step skips them): the last block's MLP runs once per step.
+    computed = [0]
+    pipe.transformer.blocks[-1].mlp.register_forward_hook(lambda *_: computed.__setitem__(0, computed[0] + 1))
+    runs = [(s, g, c) for s in args.shift for g in args.guidance for c in args.cache]
+    for shift, guidance, cache in runs:
         pipe.scheduler = scheduler
         set_sampler(pipe, shift, args.solver)
+        if pipe.transformer.is_cache_enabled:
+            pipe.transformer.disable_cache()
+        if cache is not None:
+            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=cache))
         guidance = defaults["guidance_scale"] if guidance is None else guidance
         key = f"guidance_{guidance:g}" if shift is None else f"shift_{shift:g}_guidance_{guidance:g}"
+        if args.cache != [None]:
+            key += f"_cache_{'none' if cache is None else f'{cache:g}'}"
+        computed[0] = 0
         start = time.perf_counter()
         videos = generate_frames(pipe, [row["prompt"] for row in rows], [args.seed + i for i in range(len(rows))],
                                  args.batch_size, args.pooled, num_inference_steps=steps, guidance_scale=guidance)
+        seconds = time.perf_counter() - start
         scores = readback_by_category(videos, rows, args.shape_rule)
-        result[key] = {"seconds": time.perf_counter() - start, **scores}
-        print(json.dumps({key: {c: round(s["all"], 3) for c, s in scores.items()}}), flush=True)
+        batches = -(-len(rows) // args.batch_size)
+        result[key] = {"seconds": seconds, "steps_computed": computed[0], "steps_total": steps * batches, **scores}
+        print(json.dumps({key: {c: round(s["all"], 3) for c, s in scores.items()},
+                          "steps_computed": f"{computed[0]}/{steps * batches}", "seconds": round(seconds, 1)}),
+              flush=True)
     if args.json:
         write_json(args.json, result)
 
