@@ -57,7 +57,9 @@ def test_quick_eval_script_reads_back_every_category(tmp_path):
     result = json.loads(out.read_text())
     assert result["steps"] == 2 and set(result) >= {"guidance_1", "guidance_5"}
     for guidance in ("guidance_1", "guidance_5"):
-        scores = {key: value for key, value in result[guidance].items() if key != "seconds"}
+        assert result[guidance]["steps_computed"] == result[guidance]["steps_total"]  # no cache: every step runs
+        scores = {key: value for key, value in result[guidance].items()
+                  if key not in ("seconds", "steps_total", "steps_computed")}
         assert set(scores) == {"seen", "heldout", "paraphrase", "two_object"}
         for accuracy in scores.values():
             assert set(accuracy) == {"background", "colour", "shape", "size", "motion", "all"}
