@@ -499,9 +499,9 @@ def _given_items(value, name: str, dims: int) -> list:
 def _as_frames(item, name: str, dims: int) -> torch.Tensor:
     """One image or video as (F, 3, h, w) float32 in [0, 1] (an image is one frame)."""
     if isinstance(item, PIL.Image.Image):
-        item = np.asarray(item.convert("RGB"))
+        item = np.array(item.convert("RGB"))
     elif isinstance(item, list) and item and all(isinstance(frame, PIL.Image.Image) for frame in item):
-        item = np.stack([np.asarray(frame.convert("RGB")) for frame in item])
+        item = np.stack([np.array(frame.convert("RGB")) for frame in item])
     if isinstance(item, np.ndarray):
         item = torch.from_numpy(np.ascontiguousarray(item))
     if not isinstance(item, torch.Tensor) or item.ndim != dims:
