@@ -1,12 +1,14 @@
 """T2VPipeline: text-to-video sampling with a video VAE, a video DiT and frozen text encoders.
 
 Stages follow diffusers' video pipelines: 1. check inputs, 2. encode prompt, 3. timesteps, 4. latents,
-5. denoise with classifier-free guidance, 6. decode. A frame-conditioned transformer also animates a given
-image (`image=`) or extends a given clip (`video=`): the given frames are encoded, held clean at every step
-and marked by the mask channel, as in training (`t2v.flow.impose_frames`, `frame_conditioned_input`). What a call leaves unset comes from the pipeline's
+5. denoise with classifier-free guidance, 6. decode. What a call leaves unset comes from the pipeline's
 saved `generation_defaults` (`generation_settings`); the flow shift, token count, latent shape and prompt
 encoding are the ones training uses (`t2v.flow`, `t2v.models.vae_utils`, `TextEmbedder`). A Wan 2.1
 pipeline folder loads converted (`t2v.pipelines.wan`).
+
+A frame-conditioned transformer also animates a given image (`image=`) or extends a given clip (`video=`):
+the given frames are encoded, held clean at every step and marked by the mask channel, as in training
+(`t2v.flow.impose_frames`, `t2v.models.dit.frame_conditioned_input`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from t2v.flow import first_frames_mask, impose_frames, num_tokens, shift_mu
 from t2v.generation import guidance_error
 
 # Imported so that diffusers can resolve saved components named by these modules.
-from t2v.models.dit import VideoDiT, frame_conditioned_input  # noqa: F401
+from t2v.models.dit import (
+    VideoDiT,  # noqa: F401
+    frame_conditioned_input,
+)
 from t2v.models.text_encoder import TextEmbedder, TextEmbeddings, check_dtype_on_device, load_text_encoder
 from t2v.models.vae import CausalVideoVAE  # noqa: F401
 from t2v.models.vae_utils import (
