@@ -3,6 +3,8 @@
     python generate.py "a large blue square moving up on a white background"
     python generate.py --prompt-file prompts.txt --out-dir outputs --steps 20 --seed 1
     torchrun --nproc_per_node 4 generate.py --prompt-file prompts.txt --out-dir outputs
+    python generate.py "a red circle moving right" --model FRAME_CONDITIONED --image first.png
+    python generate.py "a red circle moving right" --model FRAME_CONDITIONED --extend start.mp4 --extend-times 3
 
 Writes one video per prompt (00000.mp4, ... in prompt order) and manifest.jsonl into --out-dir. Under torchrun
 the batches are split over the processes, and the videos and manifest are those of one process.
@@ -55,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first-block step cache: reuse the last computed step's output of the blocks after the "
                         "first when the first block's output changed by less than THRESHOLD (relative mean "
                         "absolute change); off by default")
+    # Given frames (a frame-conditioned model): image-to-video, extension, long videos by repeated extension.
+    p.add_argument("--image", default=None, help="image to animate (a video: its first frame), resized to cover "
+                   "the clip and centre-cropped")
+    p.add_argument("--extend", default=None, help="video to extend: its first 1 + ft*k frames (whole latent "
+                   "frames, fewer than --num-frames) start the clip; --num-frames is the total length")
+    p.add_argument("--extend-times", type=int, default=0, help="extend N more times, each round given the last "
+                   "--overlap frames of the video so far; the video is num_frames + N*(num_frames - overlap) long")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="frames each extension round is given (1 + ft*k; default: about half the clip)")
     return p
 
 
@@ -85,6 +96,13 @@ def parse_and_check(argv: list[str] | None = None):
         parser.error(f"--cache {args.cache} must be a threshold of at least 0")
     if args.model is not None and not os.path.isdir(args.model):
         parser.error(f"--model {args.model!r} is not a folder")
+    for flag, path in (("--image", args.image), ("--extend", args.extend)):
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"{flag} {path!r} is not a file")
+    if args.image is not None and args.extend is not None:
+        parser.error("give --image or --extend, not both")
+    if args.extend_times < 0:
+        parser.error(f"--extend-times {args.extend_times} must be at least 0")
     return parser, args, prompts
 
 
@@ -127,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         fps=args.fps,
         format=args.format,
         batch_size=args.batch_size,
+        image=args.image,
+        extend=args.extend,
+        extend_times=args.extend_times,
+        overlap=args.overlap,
     )
     seeds = [args.seed + i for i in range(len(prompts))]
     if rank == 0:

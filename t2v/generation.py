@@ -1,8 +1,9 @@
 """Prompts in, video files out: the shared core of generate.py, the web app and the evaluation run.
 
-`check_generation` holds every check of a request, `sample_videos` is one pipeline call on a batch, and
-`generate_to_folder` writes a folder of videos with its manifest, in one process or split over the ranks of a
-process group.
+`check_generation` holds every check of a request, `sample_videos` is one pipeline call on a batch (or, for a
+long video, one call per extension round), and `generate_to_folder` writes a folder of videos with its
+manifest, in one process or split over the ranks of a process group. A request may give a first frame
+(`image`) or the start of a clip (`extend`) as a file, and ask for `extend_times` more rounds of extension.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from t2v.data.video import VIDEO_FORMATS, write_video
+from t2v.data.video import VIDEO_FORMATS, BadSample, read_frames, write_video
+from t2v.models.vae_utils import vae_scale_factors
 
 LOCK_NAME = ".generate.lock"  # held in the output folder while a generation writes into it
 TEMP_PREFIX = ".generate.tmp-"  # temporary folders inside the output folder (same filesystem)
@@ -42,6 +44,10 @@ class GenerationSettings:
     fps: int | None = None
     format: str = "mp4"
     batch_size: int = 8
+    image: str | None = None  # an image file (or a video's first frame) to animate
+    extend: str | None = None  # a video file whose first frames start every clip
+    extend_times: int = 0  # rounds of extension after the first clip
+    overlap: int | None = None  # frames each round is given from the video so far; None: `default_overlap`
 
     def resolved(self, pipe) -> GenerationSettings:
         """These settings with every unset one taken from `pipe`'s saved generation defaults."""
@@ -50,6 +56,65 @@ class GenerationSettings:
                                                num_inference_steps=self.num_inference_steps,
                                                guidance_scale=self.guidance_scale, fps=self.fps))
         return GenerationSettings(**values)
+
+
+CONDITIONING = ("image", "extend", "extend_times", "overlap")  # the settings of given frames
+
+
+def default_overlap(pipe, num_frames: int) -> int:
+    """Frames an extension round is given by default: the most that fill whole latent frames up to half the
+    clip's latent frames, 1 + ft ((T' - 1) // 2) (9 of a 17-frame clip with ft 4; the round appends 8)."""
+    ft, _ = vae_scale_factors(pipe.vae)
+    latent_frames = (num_frames - 1) // ft + 1
+    return 1 + ft * ((latent_frames - 1) // 2)
+
+
+def given_frames(pipe, settings: GenerationSettings) -> np.ndarray | None:
+    """The frames a request gives (`settings` resolved), read from its file and sized to the clip: uint8
+    (F, H, W, 3), one frame for `image`, the first 1 + ft (k - 1) of `extend` (`T2VPipeline.given_frame_count`);
+    None when it gives none. Raises ValueError for an unreadable file or one with too many frames."""
+    path = settings.image or settings.extend
+    if path is None:
+        return None
+    flag = "image" if settings.image else "extend"
+    try:
+        frames = read_frames(path, 1 if settings.image else settings.num_frames, height=settings.height,
+                             width=settings.width)
+    except BadSample as e:
+        raise ValueError(f"{flag}: {e}") from None
+    if settings.extend and len(frames) >= settings.num_frames:
+        raise ValueError(f"extend: {str(path)!r} has at least {len(frames)} frames, as many as the whole clip "
+                         f"(num_frames {settings.num_frames}); give a shorter video or a larger num_frames")
+    try:
+        return frames[: pipe.given_frame_count(len(frames), settings.num_frames)]
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def conditioning_error(pipe, settings: GenerationSettings) -> str | None:
+    """Why a request's given frames or extension rounds cannot be generated (`settings` resolved), or None."""
+    if settings.image is not None and settings.extend is not None:
+        return "give an image to animate or a video to extend, not both"
+    if settings.extend_times < 0:
+        return f"extend_times {settings.extend_times} must be at least 0"
+    if settings.overlap is not None and not settings.extend_times:
+        return "an overlap needs extend_times of at least 1"
+    if settings.image is None and settings.extend is None and not settings.extend_times:
+        return None
+    if not pipe.transformer.config.frame_conditioning:
+        return ("this model was trained without frame conditioning, so it cannot animate an image or extend a "
+                "video; use a frame-conditioned model (t2v.models.dit.add_frame_conditioning, then fine-tuning)")
+    if settings.extend_times:
+        overlap = settings.overlap if settings.overlap is not None else default_overlap(pipe, settings.num_frames)
+        if overlap < 1:
+            return f"overlap {overlap} must be at least 1 frame"
+        try:
+            if pipe.given_frame_count(overlap, settings.num_frames) != overlap:
+                ft, _ = vae_scale_factors(pipe.vae)
+                return f"overlap {overlap} frames do not fill whole latent frames: give 1 + {ft}k frames"
+        except ValueError as e:
+            return f"overlap: {e}"
+    return None
 
 
 SOLVERS = ("euler", "unipc")
@@ -170,8 +235,9 @@ def prompts_error(prompts: list[str]) -> str | None:
 def check_generation(pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings | None = None,
                      extra: list[dict] | None = None) -> GenerationSettings:
     """`settings` resolved against `pipe`'s saved defaults, after every check a generation makes: the prompts,
-    one seed each in [0, MAX_SEED], the pipeline's `check_inputs` (clip shape, steps, guidance), format, batch size
-    and fps. Raises ValueError naming the bad value; nothing is sampled or written."""
+    one seed each in [0, MAX_SEED], the pipeline's `check_inputs` (clip shape, steps, guidance), format, batch size,
+    fps, and the given frames (`conditioning_error`, the file read by `given_frames`). Raises ValueError naming
+    the bad value; nothing is sampled or written."""
     if (error := prompts_error(prompts)) is not None:
         raise ValueError(error)
     settings = (settings or GenerationSettings()).resolved(pipe)
@@ -190,6 +256,9 @@ def check_generation(pipe, prompts: list[str], seeds: list[int], settings: Gener
         raise ValueError(f"fps {settings.fps} must be at least 1")
     if extra is not None and len(extra) != len(prompts):
         raise ValueError(f"got {len(extra)} extra rows for {len(prompts)} prompts")
+    if (error := conditioning_error(pipe, settings)) is not None:
+        raise ValueError(error)
+    given_frames(pipe, settings)
     return settings
 
 
@@ -197,7 +266,15 @@ def sample_videos(pipe, prompts: list[str], seeds: list[int], settings: Generati
                   on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
     """One call of the pipeline on `prompts` (one batch; `settings` as `check_generation` returns them), each
     prompt's noise from a generator seeded by its own seed. Returns uint8 videos (B, F, H, W, 3).
-    `on_step(done, total)` is called after every denoising step (the pipeline's step callback)."""
+    `on_step(done, total)` is called after every denoising step (the pipeline's step callback).
+
+    Given frames (`settings.image` or `settings.extend`) start every clip. With `extend_times` N, N more calls
+    follow, each given the last `overlap` frames of the video so far (its generators carry on, so a prompt's
+    video does not depend on its batch); each round keeps the video so far as it is and appends the frames after
+    its overlap, so a video is num_frames + N (num_frames - overlap) frames long. The seam is where an appended
+    frame meets a kept one: the round decoded it after its own reconstruction of the overlap, which is the kept
+    frames re-encoded, so the jump there is the VAE's round-trip error plus the model's own motion.
+    """
     callback = None
     if on_step is not None:
         def callback(pipe, i, t, tensors):
@@ -205,25 +282,40 @@ def sample_videos(pipe, prompts: list[str], seeds: list[int], settings: Generati
             return tensors
 
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
-    frames = pipe(
-        prompt=list(prompts),
-        negative_prompt=settings.negative_prompt,
-        num_frames=settings.num_frames,
-        height=settings.height,
-        width=settings.width,
-        num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale,
-        generator=generators,
-        output_type="np",
-        callback_on_step_end=callback,
-    ).frames  # (B, F, H, W, 3) in [0, 1]
-    return (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
+
+    def clip(given: np.ndarray | None, name: str) -> np.ndarray:
+        frames = pipe(
+            prompt=list(prompts),
+            negative_prompt=settings.negative_prompt,
+            num_frames=settings.num_frames,
+            height=settings.height,
+            width=settings.width,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generators,
+            output_type="np",
+            callback_on_step_end=callback,
+            **({} if given is None else {name: given}),
+        ).frames  # (B, F, H, W, 3) in [0, 1]
+        return (np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8)
+
+    first = given_frames(pipe, settings)
+    videos = clip(None if first is None else (first[0] if settings.image else first),
+                  "image" if settings.image else "video")
+    overlap = settings.overlap if settings.overlap is not None else default_overlap(pipe, settings.num_frames)
+    for _ in range(settings.extend_times):
+        rounds = clip(videos[:, -overlap:], "video")  # (B, num_frames, H, W, 3), the overlap first
+        videos = np.concatenate([videos, rounds[:, overlap:]], axis=1)
+    return videos
 
 
 def manifest_row(prompt: str, seed: int, path: str, settings: GenerationSettings, extra: dict | None = None) -> dict:
     """A video's line of manifest.jsonl: its prompt, seed, file name and every setting it was made with."""
     row = {"prompt": prompt, "seed": int(seed), "path": path, **asdict(settings)}
     row.pop("batch_size")
+    for name in CONDITIONING:  # written only when given: a text-to-video row keeps its fields
+        if not row[name]:
+            row.pop(name)
     return {**row, **(extra or {})}
 
 

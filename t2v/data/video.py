@@ -1,6 +1,6 @@
 """Video files in and out: clips decoded (PyAV) and images (PIL) into fixed-size uint8 arrays, and videos written.
 
-`read_clip` returns (T, H, W, 3) uint8. Frames are sampled at a target fps by nearest-frame lookup
+`read_clip` returns (T, H, W, 3) uint8 (`read_frames`: a file's first frames). Frames are sampled at a target fps by nearest-frame lookup
 on the stream's own timestamps, resized so the frame covers (height, width) with its aspect kept,
 then centre-cropped. Files that cannot be used raise a `BadSample` subclass whose `reason` is one
 of `SKIP_REASONS`, so a data loader can skip and count them. `write_video` writes (T, H, W, 3) uint8 as
@@ -48,17 +48,24 @@ class ClipTooShort(BadSample):
         self.path = path
 
 
-def resize_and_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize (T, h, w, 3) uint8 frames to cover (height, width) keeping aspect, then centre-crop."""
-    _, src_h, src_w, _ = frames.shape
+def cover_and_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Float frames (T, C, h, w) resized (bilinear, antialiased) to cover (height, width) with their aspect kept,
+    then centre-cropped: (T, C, height, width). The one resize rule of decoded clips and given frames."""
+    src_h, src_w = frames.shape[-2:]
     scale = max(height / src_h, width / src_w)
     new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
     if (new_h, new_w) != (src_h, src_w):
-        x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w").float()
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        frames = rearrange(x.round().clamp(0, 255).to(torch.uint8), "t c h w -> t h w c").numpy()
+        frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
     top, left = (new_h - height) // 2, (new_w - width) // 2
-    return np.ascontiguousarray(frames[:, top : top + height, left : left + width])  # (T, H, W, 3)
+    return frames[..., top : top + height, left : left + width]
+
+
+def resize_and_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize (T, h, w, 3) uint8 frames to cover (height, width) keeping aspect, then centre-crop."""
+    if frames.shape[1:3] == (height, width):
+        return np.ascontiguousarray(frames)
+    x = cover_and_crop(rearrange(torch.from_numpy(frames), "t h w c -> t c h w").float(), height, width)
+    return np.ascontiguousarray(rearrange(x.round().clamp(0, 255).to(torch.uint8), "t c h w -> t h w c").numpy())
 
 
 def _read_image(path: str, num_frames: int) -> np.ndarray:
@@ -202,6 +209,33 @@ def read_clip(
     else:
         frames = _read_video(path, num_frames, fps, start, rng)
     return resize_and_crop(frames, height, width)
+
+
+def read_frames(path: str, max_frames: int, *, height: int, width: int) -> np.ndarray:
+    """The first frames of a video (every frame of the stream, at most `max_frames`), or an image as one
+    frame, as uint8 (T, height, width, 3) resized and cropped as `read_clip` does. Raises VideoDecodeError."""
+    if max_frames < 1:
+        raise ValueError(f"max_frames {max_frames} must be at least 1")
+    if not os.path.exists(path):
+        raise VideoDecodeError(path, "no such file", reason="missing")
+    if is_image_path(path):
+        return resize_and_crop(_read_image(path, 1), height, width)
+    import av
+
+    frames = []
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoDecodeError(path, "no video stream")
+            for frame in container.decode(container.streams.video[0]):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) == max_frames:
+                    break
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise VideoDecodeError(path, str(e)) from e
+    if not frames:
+        raise VideoDecodeError(path, "no frames")
+    return resize_and_crop(np.stack(frames), height, width)
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:

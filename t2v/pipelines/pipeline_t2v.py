@@ -5,6 +5,10 @@ Stages follow diffusers' video pipelines: 1. check inputs, 2. encode prompt, 3. 
 saved `generation_defaults` (`generation_settings`); the flow shift, token count, latent shape and prompt
 encoding are the ones training uses (`t2v.flow`, `t2v.models.vae_utils`, `TextEmbedder`). A Wan 2.1
 pipeline folder loads converted (`t2v.pipelines.wan`).
+
+A frame-conditioned transformer also animates a given image (`image=`) or extends a given clip (`video=`):
+the given frames are encoded, held clean at every step and marked by the mask channel, as in training
+(`t2v.flow.impose_frames`, `t2v.models.dit.frame_conditioned_input`).
 """
 
 from __future__ import annotations
@@ -19,15 +23,26 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
+from einops import rearrange
 
-from t2v.flow import num_tokens, shift_mu
+from t2v.data.video import cover_and_crop
+from t2v.flow import first_frames_mask, impose_frames, num_tokens, shift_mu
 from t2v.generation import guidance_error
 
 # Imported so that diffusers can resolve saved components named by these modules.
-from t2v.models.dit import VideoDiT  # noqa: F401
+from t2v.models.dit import (
+    VideoDiT,  # noqa: F401
+    frame_conditioned_input,
+)
 from t2v.models.text_encoder import TextEmbedder, TextEmbeddings, check_dtype_on_device, load_text_encoder
 from t2v.models.vae import CausalVideoVAE  # noqa: F401
-from t2v.models.vae_utils import check_clip_shape, denormalize_latents, latent_shape, vae_scale_factors
+from t2v.models.vae_utils import (
+    check_clip_shape,
+    denormalize_latents,
+    latent_shape,
+    normalize_latents,
+    vae_scale_factors,
+)
 from t2v.pipelines.wan import component_dtype, is_wan_pipeline_folder, wan_pipeline_kwargs
 
 logger = logging.get_logger(__name__)
@@ -229,6 +244,45 @@ class T2VPipeline(DiffusionPipeline):
             if k not in self._callback_tensor_inputs:
                 raise ValueError(f"callback tensor input {k!r} must be one of {self._callback_tensor_inputs}")
 
+    def check_frame_conditioning(self, image, video) -> None:
+        """Raise ValueError unless this pipeline can take given frames: one of `image` and `video`, and a
+        frame-conditioned transformer."""
+        if image is not None and video is not None:
+            raise ValueError("give `image` (image-to-video) or `video` (extension), not both")
+        if self.transformer is not None and not self.transformer.config.frame_conditioning:
+            raise ValueError("this transformer was trained without frame conditioning (frame_conditioning=False), "
+                             "so it cannot take `image` or `video`; convert one with "
+                             "t2v.models.dit.add_frame_conditioning and fine-tune it with data.condition_frames")
+
+    def given_frame_count(self, frames: int, num_frames: int) -> int:
+        """How many of `frames` leading video frames are given in a `num_frames` clip: 1 + ft (k - 1), the most
+        that fill whole latent frames (k of them). Raises ValueError when no latent frame would remain to
+        generate."""
+        ft, _ = vae_scale_factors(self.vae)
+        total = (num_frames - 1) // ft + 1
+        k = (frames - 1) // ft + 1
+        if k >= total:
+            raise ValueError(f"{frames} given frames fill {k} latent frames but num_frames {num_frames} has {total}: "
+                             f"give at most {1 + ft * (total - 2)} frames or a larger num_frames")
+        return 1 + ft * (k - 1)
+
+    def prepare_given_frames(self, image, video, batch, num_videos_per_prompt, num_frames, height, width, device):
+        """The given frames encoded as training encodes clips (posterior mode, normalised), in a clip of the
+        call's latent shape (B, C, T, h, w), and their mask (B, 1, T, 1, 1)."""
+        pixels = given_pixels(image, video, height, width)  # (N, 3, F, H, W) in [-1, 1]
+        if pixels.shape[0] not in (1, batch):
+            raise ValueError(f"got {pixels.shape[0]} given {'images' if image is not None else 'videos'} for "
+                             f"{batch} prompts; give one for all or one per prompt")
+        pixels = pixels[:, :, : self.given_frame_count(pixels.shape[2], num_frames)]
+        z = self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist.mode()
+        z = normalize_latents(self.vae, z.float())  # (N, C, k, h, w)
+        z = z.expand(batch, -1, -1, -1, -1).repeat_interleave(num_videos_per_prompt, dim=0)
+        channels, frames, h, w = latent_shape(self.vae, num_frames, height, width)
+        given = torch.zeros(z.shape[0], channels, frames, h, w, device=device)
+        given[:, :, : z.shape[2]] = z
+        frame_mask = first_frames_mask(torch.full((z.shape[0],), z.shape[2], device=device), frames)
+        return given, frame_mask
+
     # ------------------------------------------------------------------ text
     def encode_prompt(self, prompts: list[str], device: torch.device) -> TextEmbeddings:
         """Prompts through the pipeline's text encoders by `TextEmbedder`, as training embeds its captions."""
@@ -268,9 +322,10 @@ class T2VPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
         return self.scheduler.timesteps
 
-    def _velocity(self, latents, t, text: TextBatch, guidance_scale: float | None):
+    def _velocity(self, latents, t, text: TextBatch, guidance_scale: float | None, frame_mask=None):
         """Velocity with classifier-free guidance (guidance_scale not None): uncond and cond rows of `text` run
-        as one batch. Without guidance only the cond rows run."""
+        as one batch. Without guidance only the cond rows run. A frame-conditioned transformer gets the given-frame
+        mask channel (`frame_mask`, (B, 1, T, 1, 1)) in both."""
         if guidance_scale is not None and text.uncond is None:
             raise ValueError("guidance_scale rose above 1 during sampling, but the call began without guidance, so "
                              "no negative prompt was encoded")
@@ -281,6 +336,8 @@ class T2VPipeline(DiffusionPipeline):
             raise ValueError(f"the transformer takes a pooled text vector (pooled_dim={pooled_dim}); the prompt "
                              "embeddings have none")
         dtype = self.transformer.dtype
+        if frame_mask is not None:
+            latents = frame_conditioned_input(latents, frame_mask)  # (B, C + 1, T, H, W)
         x = latents if guidance_scale is None else torch.cat([latents, latents])
         timestep = t.expand(x.shape[0]).to(dtype=torch.float32)
         v = self.transformer(
@@ -315,7 +372,21 @@ class T2VPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        image=None,
+        video=None,
     ):
+        r"""Generate videos for `prompt`; unset settings come from `generation_defaults`.
+
+        `image`: the first frame to animate (image-to-video). One image for every prompt, or one per prompt: a PIL
+        image, or an array/tensor (H, W, 3) or (3, H, W) (a batch: a list, or (B, H, W, 3) / (B, 3, H, W)),
+        uint8 or float in [0, 1]. `video`: the start of the clip to extend, frames as a list of PIL images or an
+        array/tensor (F, H, W, 3) or (F, 3, H, W) (a batch: a list of those, or 5-D). Channels are last when the
+        last axis has 3 entries. Given frames are resized to cover (height, width) with their aspect kept, then
+        centre-cropped (`t2v.data.video.cover_and_crop`, the rule of training clips). Of a video, the first
+        1 + ft (k - 1) frames are given, the most that fill whole latent frames (k of them; ft is the VAE's
+        temporal factor), and at least one latent frame must remain to generate. `num_frames` is the total
+        length, given frames included; the output starts with their decoded reconstruction.
+        """
         settings = self.generation_settings(num_frames=num_frames, height=height, width=width,
                                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         num_frames, height, width = settings["num_frames"], settings["height"], settings["width"]
@@ -329,6 +400,8 @@ class T2VPipeline(DiffusionPipeline):
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, prompt_embeds, negative_prompt_embeds,
                           steps, guidance_scale, num_videos_per_prompt, output_type,
                           callback_on_step_end_tensor_inputs)
+        if image is not None or video is not None:
+            self.check_frame_conditioning(image, video)
         self._guidance_scale, self._interrupt, self._current_timestep = guidance_scale, False, None
         device = self._execution_device
 
@@ -351,25 +424,37 @@ class T2VPipeline(DiffusionPipeline):
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
 
-        # 4. latents
+        # 4. latents (and the given frames, encoded, with their mask)
         latents = self.prepare_latents(
             batch * num_videos_per_prompt, num_frames, height, width, torch.float32, device, generator, latents
         )
+        given, frame_mask = None, None
+        if image is not None or video is not None:
+            given, frame_mask = self.prepare_given_frames(image, video, batch, num_videos_per_prompt, num_frames,
+                                                          height, width, device)
+        elif self.transformer.config.frame_conditioning:  # nothing given: text-to-video, an all-zero mask
+            frame_mask = first_frames_mask(torch.zeros(latents.shape[0], dtype=torch.long, device=device),
+                                           latents.shape[2])
+
+        def hold(x):  # the given frames stay clean at every step, as in training
+            return x if given is None else impose_frames(x, given, frame_mask)
 
         # 5. denoise (the callback may change the guidance of the steps left, or interrupt)
         text = _text_batch(cond, uncond, cut_padding=self.transformer.config.mask_text_padding)
         self._num_timesteps = len(timesteps)
+        latents = hold(latents)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
                 self._current_timestep = t
-                v = self._velocity(latents, t, text, self._guidance_scale if self.do_classifier_free_guidance else None)
-                latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+                v = self._velocity(latents, t, text, self._guidance_scale if self.do_classifier_free_guidance else None,
+                                   frame_mask)
+                latents = hold(self.scheduler.step(v, t, latents, return_dict=False)[0])
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents}
                     outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
-                    latents = outputs.pop("latents", latents)
+                    latents = hold(outputs.pop("latents", latents))
                 progress_bar.update()
         self._current_timestep = None
 
@@ -384,6 +469,68 @@ class T2VPipeline(DiffusionPipeline):
         if not return_dict:
             return (video,)
         return T2VPipelineOutput(frames=video)
+
+
+def given_pixels(image, video, height: int, width: int) -> torch.Tensor:
+    """`image` or `video` (as `T2VPipeline.__call__` takes them) as (N, 3, F, height, width) floats in [-1, 1],
+    resized to cover (height, width) and centre-cropped (`cover_and_crop`)."""
+    name, value = ("image", image) if image is not None else ("video", video)
+    dims = 3 if name == "image" else 4  # the axes of one image (H, W, 3) or one video (F, H, W, 3)
+    items = _given_items(value, name, dims)
+    clips = [cover_and_crop(_as_frames(item, name, dims), height, width) for item in items]  # (F, 3, H, W) each
+    if len({clip.shape[0] for clip in clips}) > 1:
+        raise ValueError(f"the given videos have different frame counts {[clip.shape[0] for clip in clips]}")
+    return rearrange(torch.stack(clips), "n f c h w -> n c f h w") * 2 - 1
+
+
+def _given_items(value, name: str, dims: int) -> list:
+    """The given images or videos one by one: a list of frames of PIL images is one video, any other list a
+    batch, an array with one more axis than an item a batch, anything else one item."""
+    if isinstance(value, PIL.Image.Image):
+        return [value]
+    if isinstance(value, list):
+        if not value:
+            raise ValueError(f"`{name}` is an empty list")
+        return [value] if name == "video" and isinstance(value[0], PIL.Image.Image) else value
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        if value.ndim == dims + 1:
+            return list(value)
+        if value.ndim == dims:
+            return [value]
+    raise ValueError(f"`{name}` must be {'a PIL image' if dims == 3 else 'a list of PIL images'} or an array or "
+                     f"tensor of {dims} axes (or a batch of them), got {_describe(value)}")
+
+
+def _as_frames(item, name: str, dims: int) -> torch.Tensor:
+    """One image or video as (F, 3, h, w) float32 in [0, 1] (an image is one frame)."""
+    if isinstance(item, PIL.Image.Image):
+        item = np.array(item.convert("RGB"))
+    elif isinstance(item, list) and item and all(isinstance(frame, PIL.Image.Image) for frame in item):
+        item = np.stack([np.array(frame.convert("RGB")) for frame in item])
+    if isinstance(item, np.ndarray):
+        item = torch.from_numpy(np.ascontiguousarray(item))
+    if not isinstance(item, torch.Tensor) or item.ndim != dims:
+        raise ValueError(f"each `{name}` must have {dims} axes ({'(H, W, 3)' if dims == 3 else '(F, H, W, 3)'} or "
+                         f"channels first), got {_describe(item)}")
+    x = item.detach().cpu()
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    elif x.is_floating_point():
+        x = x.float()
+        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise ValueError(f"`{name}` floats must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
+    else:
+        raise ValueError(f"`{name}` must be uint8, or float in [0, 1], got {x.dtype}")
+    if x.shape[-1] == 3:  # channels last
+        x = x.movedim(-1, -3)
+    elif x.shape[-3] != 3:
+        raise ValueError(f"`{name}` has shape {tuple(x.shape)}: 3 colour channels neither last nor before (H, W)")
+    return x if dims == 4 else x[None]
+
+
+def _describe(value) -> str:
+    shape = getattr(value, "shape", None)
+    return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None else type(value).__name__
 
 
 @dataclass
