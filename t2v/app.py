@@ -48,6 +48,11 @@ class Studio:
         self.model_name = model_name
         self.results: list[Result] = []
 
+    @property
+    def animates_images(self) -> bool:
+        """Whether the model takes a given first frame (a frame-conditioned transformer)."""
+        return bool(getattr(self.pipe.transformer.config, "frame_conditioning", False))
+
     def defaults(self) -> GenerationSettings:
         """The pipeline's saved settings, which the page's fields start at."""
         return GenerationSettings().resolved(self.pipe)
@@ -55,14 +60,15 @@ class Studio:
     def request(self, prompt: str, negative_prompt: str | None = None, seed: int | None = 0,
                 random_seed: bool = False, steps: int | None = None, guidance: float | None = None,
                 frames: int | None = None, height: int | None = None, width: int | None = None,
-                ) -> tuple[int, GenerationSettings]:
+                image: str | None = None) -> tuple[int, GenerationSettings]:
         """The seed and settings of a request from the page's fields, after every check generate.py makes
         (`check_generation`; ValueError naming the bad value). An empty field (None) takes the pipeline's saved
-        default; `random_seed` draws the seed."""
+        default; `random_seed` draws the seed; `image`, a file to animate (frame-conditioned models)."""
         if random_seed:
             seed = random.SystemRandom().randrange(2**32)
         requested = GenerationSettings(num_frames=frames, height=height, width=width, num_inference_steps=steps,
-                                       guidance_scale=guidance, negative_prompt=negative_prompt or None, batch_size=1)
+                                       guidance_scale=guidance, negative_prompt=negative_prompt or None, batch_size=1,
+                                       image=image or None)
         return seed, check_generation(self.pipe, [prompt], [seed], requested)
 
     def generate(self, prompt: str, seed: int, settings: GenerationSettings, on_step=None) -> Result:
@@ -136,6 +142,8 @@ def build_demo(studio: Studio):
                     frames = gr.Number(label="Frames", value=d.num_frames, precision=0, elem_id="frames")
                     height = gr.Number(label="Height", value=d.height, precision=0, elem_id="height")
                     width = gr.Number(label="Width", value=d.width, precision=0, elem_id="width")
+                if studio.animates_images:  # a frame-conditioned model: image-to-video
+                    image = gr.Image(label="Image to animate (optional)", type="filepath", elem_id="image")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 video = gr.Video(label="Video", elem_id="video", autoplay=True, loop=True, height=320)
@@ -144,6 +152,8 @@ def build_demo(studio: Studio):
         gallery = gr.Gallery(label="This run's videos", columns=6, fit_columns=False, height=260,
                              object_fit="contain", elem_id="gallery")
         fields = [prompt, negative, seed, random_seed, steps, guidance, frames, height, width]
+        if studio.animates_images:
+            fields.append(image)
         checked = button.click(check, fields, None, concurrency_limit=None, show_progress="hidden")
         checked.success(run, fields, [video, settings, files, seed, gallery], show_progress_on=video)
         demo.load(studio.gallery, None, gallery)  # a reloaded page shows what was made before

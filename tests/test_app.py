@@ -165,3 +165,35 @@ def test_the_page_in_a_browser(app_server, tmp_path):
     if full_steps:
         shutil.copyfile(tmp_path / "app.png", SCREENSHOT)
 
+
+
+def test_a_frame_conditioned_model_animates_an_image_from_the_page(tmp_path):
+    """The page offers an image field only for a frame-conditioned model; the request carries it through
+    generate.py's checks, and an unconditioned model refuses an image with its one-line message."""
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    from t2v.app import Studio
+    from t2v.models.dit import add_frame_conditioning
+
+    image = tmp_path / "first.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(image)
+    plain = Studio(tiny_pipeline(), tmp_path / "plain")
+    assert not plain.animates_images
+    with pytest.raises(ValueError, match="without frame conditioning"):
+        plain.request("a", image=str(image))
+
+    pipe = tiny_pipeline()
+    pipe.transformer = add_frame_conditioning(pipe.transformer)
+    with torch.no_grad():
+        pipe.transformer.frame_mask_embed.weight.normal_(generator=torch.Generator().manual_seed(0))
+    (tmp_path / "run").mkdir()
+    studio = Studio(pipe, tmp_path / "run")
+    assert studio.animates_images
+    seed, settings = studio.request("a", steps=2, image=str(image))
+    assert settings.image == str(image)
+    result = studio.generate("a", seed, settings)
+    assert result.video.stat().st_size > 0 and result.row["image"] == str(image)
+    _, plain_settings = studio.request("a", steps=2)  # the image is optional
+    assert plain_settings.image is None
