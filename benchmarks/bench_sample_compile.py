@@ -12,7 +12,6 @@ timed on its own; then calls alternate (A B, B A, ...) and the figures are media
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -84,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{call_s['eager']:.2f} s, compiled {call_s['compiled']:.2f} s; first compiled call {first_call_s:.1f} s "
           f"(+{result['first_call_extra_s']:.1f} s); videos differ by at most {difference} of 255")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        from t2v.eval.report import write_json
+
+        write_json(args.json, result)
     return 0
 
 

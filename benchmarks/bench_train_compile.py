@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -81,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
           f"eager {times['eager']:.3f} s, blocks compiled {times['compiled']:.3f} s "
           f"(ratio {result['ratio']:.2f}; first compiled call {first_call_s:.1f} s)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        from t2v.eval.report import write_json
+
+        write_json(args.json, result)
     return 0
 
 
