@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--shift", type=float, default=None, help="fixed flow shift (default: the model's scheduler)")
     p.add_argument("--solver", choices=["euler", "unipc"], default=None, help="sampler (default: the model's)")
+    p.add_argument("--cache", type=float, default=None, metavar="THRESHOLD",
+                   help="first-block step cache threshold, as generate.py --cache (default: off)")
     p.add_argument("--num-frames", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} {value} must be at least 1")
     if args.dynamic_threshold < 0 or args.report_videos < 0:
         parser.error("--dynamic-threshold and --report-videos must be non-negative")
+    if args.cache is not None and not args.cache >= 0:
+        parser.error(f"--cache {args.cache} must be a threshold of at least 0")
     if (error := sampler_error(args.shift, args.solver)) is not None:
         parser.error(f"--shift {args.shift} --solver {args.solver}: {error}")
 
@@ -115,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 guidance_scale=args.guidance, format=args.format, batch_size=args.batch_size,
             )
             videos_dir = generate_stage(args.model, args.prompts, args.out, settings, seed=args.seed,
-                                        shift=args.shift, solver=args.solver, device=args.device, dtype=args.dtype,
-                                        overwrite=args.overwrite, distributed=world_size > 1)
+                                        shift=args.shift, solver=args.solver, cache=args.cache, device=args.device,
+                                        dtype=args.dtype, overwrite=args.overwrite, distributed=world_size > 1)
             if rank == 0:
                 print(f"videos in {videos_dir}")
         if args.stage in ("score", "all") and rank == 0:

@@ -115,21 +115,30 @@ def generate_stage(
     seed: int = 0,
     shift: float | None = None,
     solver: str | None = None,
+    cache: float | None = None,
     device: str | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
     distributed: bool = False,
 ) -> str:
     """One video per prompt of `prompts_path` (prompt i with seed `seed + i`) into ``out/videos``; returns that
-    folder. `shift`/`solver` replace the model's sampler; `dtype` defaults to float32 on CPU, bfloat16 on CUDA.
-    `distributed`: every rank of the initialized process group calls this and samples its share of the batches
-    (`t2v.generation.generate_to_folder`); "cuda" is each rank's current device."""
+    folder. `shift`/`solver` replace the model's sampler; `cache` is a first-block-cache threshold (None: off);
+    `dtype` defaults to float32 on CPU, bfloat16 on CUDA. `distributed`: every rank of the initialized process
+    group calls this and samples its share of the batches (`t2v.generation.generate_to_folder`); "cuda" is each
+    rank's current device."""
+    pipe = load_pipeline(model, device, dtype, shift, solver, cache=cache)
+    return generate_prompts(pipe, prompts_path, out, settings, seed=seed, overwrite=overwrite,
+                            distributed=distributed, recorded={"flow_shift": shift, "solver": solver,
+                                                               "cache_threshold": cache})
+
+
+def generate_prompts(pipe, prompts_path: str, out: str, settings: GenerationSettings, *, seed: int = 0,
+                     overwrite: bool = False, distributed: bool = False, recorded: dict | None = None) -> str:
+    """`generate_stage` with a loaded pipeline: one video per prompt into ``out/videos``, each manifest row
+    keeping the prompt's category and record and the `recorded` settings that are not None."""
     rows = read_prompts(prompts_path)
-    pipe = load_pipeline(model, device, dtype, shift, solver)
-    extra = [{key: row[key] for key in ("category", "record") if key in row} for row in rows]
-    for key, value in (("flow_shift", shift), ("solver", solver)):  # settings that differ from the model's
-        if value is not None:
-            extra = [{**row, key: value} for row in extra]
+    set_values = {key: value for key, value in (recorded or {}).items() if value is not None}
+    extra = [{**{key: row[key] for key in ("category", "record") if key in row}, **set_values} for row in rows]
     videos_dir = os.path.join(out, "videos")
     seeds = [seed + i for i in range(len(rows))]
     generate_to_folder(pipe, [row["prompt"] for row in rows], videos_dir, seeds, settings, extra=extra,
