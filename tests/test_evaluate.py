@@ -93,13 +93,14 @@ def test_generate_and_score_with_tiny_pipeline(clip_dir, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n"
                                for p, c in [("a red circle", "a"), ("a blue square", "a"), ("a green triangle", "b")]))
     out = tmp_path / "eval"
-    args = ["--prompts", prompts, "--model", model, "--out", out, "--scorer", f"clip:{clip_dir}", "--steps", "1",
-            "--seed", "5"]
+    args = ["--prompts", prompts, "--model", model, "--out", out, "--scorer", f"clip:{clip_dir}", "--steps", "2",
+            "--seed", "5", "--cache", "0.5"]
     r = run_script(args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"metrics in {out / 'metrics.json'}" in r.stdout
     rows = [json.loads(line) for line in (out / "videos" / "manifest.jsonl").read_text().splitlines()]
     assert [row["seed"] for row in rows] == [5, 6, 7] and rows[2]["category"] == "b"
+    assert all(row["cache_threshold"] == 0.5 and "flow_shift" not in row for row in rows)  # only what was set
     metrics = json.loads((out / "metrics.json").read_text())["generated"]
     assert metrics["num_videos"] == 3 and 0 <= metrics["t2v/R1"] <= 100 and 1 <= metrics["t2v/MedR"] <= 3
     assert metrics["per_category"]["a"]["num_videos"] == 2 and "shapes" not in metrics
@@ -125,6 +126,7 @@ def test_bad_arguments(args, message, tmp_path):
     "extra, message",
     [
         (["--guidance", "nan"], "--guidance nan must be a finite number"),
+        (["--cache", "-0.1"], "--cache -0.1 must be a threshold of at least 0"),
         (["--seed", "-1"], "--seed -1 must be in"),
         (["--scorer", "retriever:./no-such-retriever"], "is not a folder"),
         (["--reference", "no/such/reals"], "--reference 'no/such/reals' is not a folder"),
