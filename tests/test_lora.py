@@ -148,11 +148,15 @@ def test_bad_lora_inputs_name_the_problem(tmp_path):
         pipe.load_lora_weights("no/such.safetensors")
     with pytest.raises(ValueError, match=f"has no {LORA_FILE}"):
         pipe.load_lora_weights(tmp_path)
-    lora = {"transformer.blocks.7.attn1.to_q.lora_A.weight": torch.zeros(2, 32),
-            "transformer.blocks.7.attn1.to_q.lora_B.weight": torch.zeros(32, 2)}  # fmt: skip
+    lora = {"transformer.blocks.7.mlp.0.lora_A.weight": torch.zeros(2, 32),
+            "transformer.blocks.7.mlp.0.lora_B.weight": torch.zeros(128, 2)}  # fmt: skip
     save_file(lora, tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match=r"'transformer.blocks.7.attn1.to_q.lora_A.weight'.* name no linear layer"):
+    with pytest.raises(ValueError, match=r"'transformer.blocks.7.mlp.0.lora_A.weight'.* name no linear layer"):
         pipe.load_lora_weights(tmp_path / "other.safetensors")
+    wan_norm = {"transformer.blocks.0.attn1.norm_q.lora_A.weight": torch.zeros(2, 32),
+                "transformer.blocks.0.attn1.norm_q.lora_B.weight": torch.zeros(32, 2)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"\['blocks.0.attn1.norm_q'\] are not linear layers of a Wan"):
+        pipe.load_lora_weights(wan_norm)
     unprefixed = {"blocks.0.mlp.0.lora_A.weight": torch.zeros(2, 32)}
     with pytest.raises(ValueError, match="'blocks.0.mlp.0.lora_A.weight'"):
         pipe.load_lora_weights(unprefixed)
@@ -241,3 +245,51 @@ def test_generate_lora_errors_exit_2_with_one_line(tmp_path, args, message):
     r = _generate("a prompt", "--out-dir", tmp_path / "out", *args)
     assert r.returncode == 2
     assert r.stderr.strip() == f"generate.py: error: {message}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Wan LoRA files onto a converted Wan
+# ----------------------------------------------------------------------------------------------------
+
+WAN_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+
+
+@pytest.mark.parametrize(
+    "lora, with_metadata",
+    [(dict(r=2, lora_alpha=4, rank_pattern={"to_k": 3}, alpha_pattern={"to_v": 1}, target_modules=WAN_PROJECTIONS),
+      True),
+     (dict(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]), False)],  # k without LoRA; scale 1, no metadata
+    ids=["all_projections", "q_and_v"],
+)  # fmt: skip
+def test_wan_lora_file_loads_onto_fused_projections_exactly(lora, with_metadata, tmp_path):
+    from diffusers import WanPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    wan = WanTransformer3DModel(**TINY_WAN)
+    with torch.no_grad():
+        for p in wan.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    base = transformer_from_wan(wan).eval()
+    wan.add_adapter(LoraConfig(**lora))
+    with torch.no_grad():
+        for name, p in wan.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    tensors = get_peft_model_state_dict(wan)
+    if with_metadata:  # what diffusers' Wan LoRA trainers save
+        WanPipeline.save_lora_weights(tmp_path, transformer_lora_layers=tensors,
+                                      transformer_lora_adapter_metadata=wan.peft_config["default"].to_dict())
+        source = tmp_path / LORA_FILE
+    else:
+        source = {f"transformer.{k}": v for k, v in tensors.items()}
+    expected = velocity(transformer_from_wan(merge_lora(wan)).eval())
+    base_out = velocity(base)
+    assert (expected - base_out).abs().max() > 1e-2
+
+    pipe = pipeline_around(base)
+    pipe.load_lora_weights(source)
+    assert_close(velocity(pipe.transformer), expected)
+    pipe.unload_lora_weights()
+    assert_close(velocity(pipe.transformer), base_out)

@@ -6,7 +6,9 @@ A file follows diffusers' convention (what `save_lora_weights` writes for CogVid
 default named `pytorch_lora_weights.safetensors`, holding PEFT tensors `transformer.<module>.lora_A.weight`
 (rank, in) and `transformer.<module>.lora_B.weight` (out, rank), with the adapter's `LoraConfig` (rank, alpha,
 target modules) in the header under "lora_adapter_metadata", so that loading restores the scale alpha / rank.
-Weights are read from local files only.
+A Wan 2.1 LoRA in diffusers' names (`transformer.blocks.0.attn1.to_q.lora_A.weight`, ...) loads onto a converted
+Wan transformer, its q/k/v LoRAs joined exactly into our fused projections (`t2v.models.wan_lora`). Weights are read
+from local files only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import safetensors
 import torch
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE, LoraBaseMixin, _fetch_state_dict
 from torch import nn
+
+from t2v.models.wan_lora import is_wan_lora, wan_lora_to_video_dit
 
 TRANSFORMER_NAME = "transformer"
 StateDict = dict[str, torch.Tensor]
@@ -119,6 +123,8 @@ class T2VLoraLoaderMixin(LoraBaseMixin):
             )  # fmt: skip
         except safetensors.SafetensorError as error:
             raise ValueError(f"LoRA file {source!r} cannot be read: {error}") from None
+        if is_wan_lora(state_dict):  # Wan's module names: onto a converted Wan's fused layers, scales folded in
+            state_dict, metadata = wan_lora_to_video_dit(state_dict, metadata), None
         return (state_dict, metadata) if return_lora_metadata else state_dict
 
     def load_lora_weights(
