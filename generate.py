@@ -4,6 +4,7 @@
     python generate.py --prompt-file prompts.txt --out-dir outputs --steps 20 --seed 1
     torchrun --nproc_per_node 4 generate.py --prompt-file prompts.txt --out-dir outputs
     python generate.py "a red circle moving right" --model FRAME_CONDITIONED --image first.png
+    python generate.py "a red circle moving right" --model BASE --lora runs/my_lora --lora-scale 0.8
     python generate.py "a red circle moving right" --model FRAME_CONDITIONED --extend start.mp4 --extend-times 3
 
 Writes one video per prompt (00000.mp4, ... in prompt order) and manifest.jsonl into --out-dir. Under torchrun

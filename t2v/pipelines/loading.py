@@ -28,7 +28,8 @@ def load_pipeline(model_dir: str | os.PathLike, device: str | None = None, dtype
     transformer's blocks; `memory` is a preset of `t2v.pipelines.memory` (which also places the pipeline on
     `device`); `cache` a first-block-cache threshold (None: off); `lora` a LoRA file, or a folder holding
     `pytorch_lora_weights.safetensors`, fused into the transformer's weights times `lora_scale` before the memory
-    preset and compilation apply. Bad values raise ValueError naming them, before any weights are read.
+    preset and compilation apply. Bad values raise ValueError naming them, before any weights are read (a LoRA
+    file whose tensors fit no layer of the transformer, once it is read).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
