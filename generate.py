@@ -4,6 +4,7 @@
     python generate.py --prompt-file prompts.txt --out-dir outputs --steps 20 --seed 1
     torchrun --nproc_per_node 4 generate.py --prompt-file prompts.txt --out-dir outputs
     python generate.py "a red circle moving right" --model FRAME_CONDITIONED --image first.png
+    python generate.py "a red circle moving right" --model BASE --lora runs/my_lora --lora-scale 0.8
     python generate.py "a red circle moving right" --model FRAME_CONDITIONED --extend start.mp4 --extend-times 3
 
 Writes one video per prompt (00000.mp4, ... in prompt order) and manifest.jsonl into --out-dir. Under torchrun
@@ -13,6 +14,7 @@ the batches are split over the processes, and the videos and manifest are those 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first-block step cache: reuse the last computed step's output of the blocks after the "
                         "first when the first block's output changed by less than THRESHOLD (relative mean "
                         "absolute change); off by default")
+    p.add_argument("--lora", default=None, metavar="FILE_OR_FOLDER",
+                   help="LoRA adapter to apply: a diffusers LoRA file, or a folder holding "
+                        "pytorch_lora_weights.safetensors (a LoRA training run writes one beside its pipeline)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the --lora adapter (default: 1)")
     # Given frames (a frame-conditioned model): image-to-video, extension, long videos by repeated extension.
     p.add_argument("--image", default=None, help="image to animate (a video: its first frame), resized to cover "
                    "the clip and centre-cropped")
@@ -96,6 +102,12 @@ def parse_and_check(argv: list[str] | None = None):
         parser.error(f"--cache {args.cache} must be a threshold of at least 0")
     if args.model is not None and not os.path.isdir(args.model):
         parser.error(f"--model {args.model!r} is not a folder")
+    if args.lora is not None and not os.path.exists(args.lora):
+        parser.error(f"--lora {args.lora!r} is not a file or a folder")
+    if args.lora is None and args.lora_scale != 1.0:
+        parser.error("--lora-scale needs --lora")
+    if not math.isfinite(args.lora_scale):
+        parser.error(f"--lora-scale {args.lora_scale} must be finite")
     for flag, path in (("--image", args.image), ("--extend", args.extend)):
         if path is not None and not os.path.isfile(path):
             parser.error(f"{flag} {path!r} is not a file")
@@ -132,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = init_distributed()
     try:
         pipe = load_pipeline(args.model or t2v.DEFAULT_MODEL, args.device, args.dtype, args.shift, args.solver,
-                             compile=args.compile, memory=args.memory, cache=args.cache)
+                             compile=args.compile, memory=args.memory, cache=args.cache, lora=args.lora,
+                             lora_scale=args.lora_scale)
     except ValueError as error:
         parser.error(str(error))
     settings = GenerationSettings(

@@ -51,7 +51,15 @@ class ModelConfig:
     # LoRA rank; 0 trains the full model.
     lora_rank: int = 0
     lora_alpha: float = 0.0  # 0 means alpha = rank
-    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # Module-name suffixes LoRA adapts (PEFT matches a name equal to or ending in "." + suffix). The defaults are
+    # every projection of every VideoDiT block and nothing else (embedders, adaLN and the final layer keep their
+    # weights): self-attention's fused to_qkv and to_out, cross-attention's to_q, fused to_kv and to_out, and the
+    # MLP's two linears mlp.0, mlp.2. The MLP is included because it holds about two thirds of a block's weights,
+    # where new content and style are learnt (video LoRA trainers for Wan and HunyuanVideo adapt it too); at a
+    # small rank it adds few parameters. One LoRA on a fused projection shares its A across q, k, v (or k, v).
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["to_qkv", "to_out", "to_q", "to_kv", "mlp.0", "mlp.2"]
+    )
     # Parameter-name prefixes to train (on top of LoRA weights when lora_rank > 0); [] = all (or only LoRA).
     trainable: list[str] = field(default_factory=list)
 

@@ -10,13 +10,15 @@ import torch.distributed as dist
 from diffusers.hooks import FirstBlockCacheConfig
 
 from t2v.generation import compile_transformer, quiet_loading, sampler_error, set_sampler
+from t2v.pipelines.lora import lora_file
 from t2v.pipelines.memory import MEMORY_PRESETS, apply_memory_preset
 from t2v.pipelines.pipeline_t2v import T2VPipeline
 
 
 def load_pipeline(model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
                   shift: float | None = None, solver: str | None = None, compile: bool = False,
-                  memory: str = "fast", cache: float | None = None):
+                  memory: str = "fast", cache: float | None = None, lora: str | os.PathLike | None = None,
+                  lora_scale: float = 1.0):
     """The pipeline of `model_dir` on `device` in `dtype`, ready to sample: the one loader of generate.py, the
     evaluation's generate stage and the app.
 
@@ -24,8 +26,10 @@ def load_pipeline(model_dir: str | os.PathLike, device: str | None = None, dtype
     current device), `dtype` ("float32", "bfloat16", "float16") to bfloat16 on CUDA and float32 on CPU, where
     float16 is refused. `shift`/`solver` replace the model's sampler (`set_sampler`); `compile` compiles the
     transformer's blocks; `memory` is a preset of `t2v.pipelines.memory` (which also places the pipeline on
-    `device`); `cache` a first-block-cache threshold (None: off). Bad values raise ValueError naming them,
-    before any weights are read.
+    `device`); `cache` a first-block-cache threshold (None: off); `lora` a LoRA file, or a folder holding
+    `pytorch_lora_weights.safetensors`, fused into the transformer's weights times `lora_scale` before the memory
+    preset and compilation apply. Bad values raise ValueError naming them, before any weights are read (a LoRA
+    file whose tensors fit no layer of the transformer, once it is read).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
@@ -50,8 +54,16 @@ def load_pipeline(model_dir: str | os.PathLike, device: str | None = None, dtype
         raise ValueError(f"--memory {memory!r} is unknown; choose one of {', '.join(MEMORY_PRESETS)}")
     if cache is not None and not (math.isfinite(cache) and cache >= 0):
         raise ValueError(f"--cache {cache} must be a finite threshold >= 0")
+    if lora is not None:
+        lora = lora_file(lora)
+    if not math.isfinite(lora_scale):
+        raise ValueError(f"--lora-scale {lora_scale} must be finite")
     quiet_loading()
     pipe = T2VPipeline.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    if lora is not None:  # folded in and the LoRA layers removed: plain linears for offloading, fp8 and compile
+        pipe.load_lora_weights(lora)
+        pipe.fuse_lora(lora_scale=lora_scale)
+        pipe.unload_lora_weights()
     apply_memory_preset(pipe, memory, device)
     if cache is not None:
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=cache))

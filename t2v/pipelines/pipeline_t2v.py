@@ -43,6 +43,7 @@ from t2v.models.vae_utils import (
     normalize_latents,
     vae_scale_factors,
 )
+from t2v.pipelines.lora import T2VLoraLoaderMixin
 from t2v.pipelines.wan import component_dtype, is_wan_pipeline_folder, wan_pipeline_kwargs
 
 logger = logging.get_logger(__name__)
@@ -64,7 +65,7 @@ class T2VPipelineOutput(BaseOutput):
     frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]
 
 
-class T2VPipeline(DiffusionPipeline):
+class T2VPipeline(DiffusionPipeline, T2VLoraLoaderMixin):
     r"""Text-to-video generation.
 
     Components: `vae` (our `CausalVideoVAE` or a diffusers video VAE such as `AutoencoderKLWan`), `transformer`

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 
 from t2v.config import Config, FlowConfig
 from t2v.eval.retriever import RETRIEVER_CONFIG
@@ -62,8 +63,17 @@ def build_pipeline(cfg: Config, transformer, vae, embedder, for_saving: bool = F
 
 
 def export_pipeline(cfg: Config, transformer, vae, embedder, out_dir: str) -> str:
-    """Save the pipeline to `out_dir` atomically (LoRA folded into a copy of the transformer)."""
+    """Save the pipeline to `out_dir` atomically (LoRA folded into a copy of the transformer).
+
+    A LoRA-trained transformer's adapter is also written beside `out_dir`, as diffusers'
+    `pytorch_lora_weights.safetensors` that `T2VPipeline.load_lora_weights` applies to the base model; not when
+    `model.trainable` also trained whole parameters, which the adapter alone would leave out.
+    """
     if has_lora(transformer):
+        if not cfg.model.trainable:
+            from t2v.pipelines.lora import save_lora_file
+
+            save_lora_file(transformer, os.path.join(os.path.dirname(os.path.abspath(out_dir)), LORA_WEIGHT_NAME_SAFE))
         transformer = merge_lora(copy.deepcopy(transformer))
     pipe = build_pipeline(cfg, transformer, vae, embedder, for_saving=True)
     return save_atomically(pipe, out_dir)
