@@ -19,7 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    AutoencoderKLWan,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+)
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
@@ -29,13 +34,10 @@ from t2v.data.video import cover_and_crop
 from t2v.flow import first_frames_mask, impose_frames, num_tokens, shift_mu
 from t2v.generation import guidance_error
 
-# Imported so that diffusers can resolve saved components named by these modules.
-from t2v.models.dit import (
-    VideoDiT,  # noqa: F401
-    frame_conditioned_input,
-)
+# Imported so that diffusers can resolve saved components named by these modules (and the constructor's types).
+from t2v.models.dit import VideoDiT, frame_conditioned_input
 from t2v.models.text_encoder import TextEmbedder, TextEmbeddings, check_dtype_on_device, load_text_encoder
-from t2v.models.vae import CausalVideoVAE  # noqa: F401
+from t2v.models.vae import CausalVideoVAE
 from t2v.models.vae_utils import (
     check_clip_shape,
     denormalize_latents,
@@ -95,8 +97,8 @@ class T2VPipeline(DiffusionPipeline, T2VLoraLoaderMixin):
 
     def __init__(
         self,
-        vae,
-        transformer,
+        vae: CausalVideoVAE | AutoencoderKLWan | AutoencoderKLCogVideoX | None,
+        transformer: VideoDiT | None,
         scheduler: FlowMatchEulerDiscreteScheduler,
         text_encoder=None,
         tokenizer=None,
@@ -285,8 +287,12 @@ class T2VPipeline(DiffusionPipeline, T2VLoraLoaderMixin):
         return given, frame_mask
 
     # ------------------------------------------------------------------ text
-    def encode_prompt(self, prompts: list[str], device: torch.device) -> TextEmbeddings:
-        """Prompts through the pipeline's text encoders by `TextEmbedder`, as training embeds its captions."""
+    def encode_prompt(self, prompt: str | list[str], device: torch.device | None = None) -> TextEmbeddings:
+        """`prompt` (one or a list) through the pipeline's text encoders by `TextEmbedder`, as training embeds its
+        captions, on `device` (default: the execution device). The result is what `__call__` takes as
+        `prompt_embeds` or `negative_prompt_embeds`."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        device = device if device is not None else self._execution_device
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this pipeline has no text encoder: pass `prompt_embeds`, or load one")
         for encoder in (self.text_encoder, self.text_encoder_2):
