@@ -5,6 +5,7 @@ diffusers' own Wan tests build them."""
 
 import json
 import logging
+import os
 import shutil
 import string
 import subprocess
@@ -426,6 +427,19 @@ def test_generate_runs_on_a_wan_folder(wan_folder, tmp_path):
     row = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
     assert row["fps"] == 16 and row["num_inference_steps"] == 2
     assert iio.imread(out / row["path"], plugin="pyav").shape == (9, 16, 16, 3)
+
+
+def test_evaluation_generates_on_a_wan_folder(wan_folder, tmp_path):
+    """The evaluation's generate stage (scripts/evaluate.py) samples a Wan folder through the same loader."""
+    from t2v.eval.evaluate import generate_stage
+    from t2v.generation import GenerationSettings
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("dance monkey\na cat surfing\n")
+    settings = GenerationSettings(num_frames=9, height=16, width=16, num_inference_steps=2, batch_size=2)
+    videos = generate_stage(str(wan_folder), str(prompts), str(tmp_path / "eval"), settings, seed=3, device="cpu")
+    rows = [json.loads(line) for line in open(os.path.join(videos, "manifest.jsonl"))]
+    assert [row["prompt"] for row in rows] == ["dance monkey", "a cat surfing"] and [r["seed"] for r in rows] == [3, 4]
 
 
 def test_wan_folder_loads_in_the_dtype_asked(wan_folder):
