@@ -199,6 +199,12 @@ def test_zero2_ranks_agree_and_match_one_process(zero2_run, reference):
     assert_close(checkpoint(zero2_run, STEPS, "optimizer"), checkpoint(reference, STEPS, "optimizer"), 1e-5,
                  "zero2 optimizer state (whole AdamW moments)")
     assert_close(checkpoint(zero2_run, STEPS, "ema"), checkpoint(reference, STEPS, "ema"), 1e-5, "zero2 EMA")
+    # Sharded by default under ZeRO: each rank wrote its share; state.json lists every file with its checksum.
+    folder = zero2_run / "checkpoints" / f"step-{STEPS}"
+    shards = sorted(path.name for path in folder.glob("*.safetensors"))
+    assert [name for name in shards if name.startswith("model.")] == ["model.00000-000.safetensors",
+                                                                      "model.00001-000.safetensors"]
+    assert sorted(json.loads((folder / "state.json").read_text())["_files"]) == shards
 
 
 # RANK_DUMP with a NaN loss on one rank's loss call number `call` (0-based, counted per process).

@@ -274,9 +274,8 @@ def _mapped_safetensors(path: str) -> dict[str, torch.Tensor]:
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
-        if os.path.getsize(path) == 8 + header_len:
-            return {}
-        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        has_data = os.path.getsize(path) > 8 + header_len  # mmap refuses an empty mapping
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if has_data else None
     start = 8 + header_len
     tensors = {}
     for name, info in header.items():
