@@ -46,10 +46,9 @@ def per_rank_table(ranks: tuple[int, ...] = (1, 8, 64)) -> list[dict]:
                 "zero3_state_gib": round(params * 14 / n / GIB, 2),
                 # Old save: whole fp32 master + 2 moments on every rank, and the whole fp32 EMA on rank 0.
                 "save_full_gib": round(params * 16 / GIB, 2),
-                # Sharded save: at most one shard file being filled (SHARD_BYTES) plus the tensor being gathered.
-                "save_sharded_gib": round((GIB + 2 * 4 * largest) / GIB, 2),
-                # Held shares if nothing were streamed: master, moments and EMA, 16 B over N ranks.
-                "share_gib": round(params * 16 / n / GIB, 2),
+                # Sharded save: the rank's share (master, moments, EMA: 16 B over N ranks) but at most one shard
+                # file being filled (SHARD_BYTES), plus the tensor being gathered (fp32, gathered and copied).
+                "save_sharded_gib": round((min(params * 16 / n, GIB) + 2 * 4 * largest) / GIB, 2),
             })
     return rows
 
@@ -75,6 +74,7 @@ cfg = load_config(sys.argv[6], [f"output_dir={out}", "distributed.backend=deepsp
 torch.manual_seed(0)
 model = VideoDiT(**json.loads(model_json))
 params = [(n, p) for n, p in model.named_parameters()]
+n = sum(p.numel() for _, p in params)  # before ZeRO-3 partitions them
 backend = build_backend(model, params, param_groups(params, cfg.train), cfg, torch.device("cpu"),
                         make_optimizer=functools.partial(build_adamw, cfg=cfg.train),
                         make_scheduler=functools.partial(build_lr_scheduler, cfg=cfg.train), make_ema=EMA)
@@ -101,7 +101,6 @@ else:
         ckpt.save_checkpoint(root, 1, {"model": model_state, "optimizer": tensors, "ema": ema_state[0]}, {})
     dist.barrier()
 peak = status("VmHWM")
-n = sum(p.numel() for _, p in params)
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump({"rank": rank, "rss_before_mib": round(before, 1), "peak_mib": round(peak, 1),
                "save_extra_mib": round(peak - before, 1), "params": n}, f)
