@@ -3,7 +3,7 @@
     python benchmarks/checkpoint_memory.py --json benchmarks/results/cpu_checkpoint_memory.json
 
 Each (format, stage) runs as its own 2-process `torchrun` launch on the CPU (gloo), since a process's peak
-resident memory never goes down. A launch builds a random VideoDiT (hidden 768, 12 layers: ~123M parameters,
+resident memory never goes down. A launch builds a random VideoDiT (hidden 768, 12 layers: 120M parameters,
 fp32), hands it to the trainer's ZeRO backend with an EMA, takes one update (so AdamW has its moments), then
 saves as the trainer does: "full" gathers the whole state on every rank and rank 0 writes it
 (`backend.full_state`, `ema.state`, `checkpoint.save_checkpoint`); "sharded" streams it and each rank writes
