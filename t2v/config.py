@@ -21,6 +21,7 @@ SHAPES_WORDINGS = ("base", "wide")  # t2v.data.shapes.WORDINGS
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("bf16", "fp32", "fp16")
 BACKENDS = ("none", "ddp", "deepspeed")
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 
 
@@ -189,6 +190,10 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500  # 0 = only at the end
     keep_last: int = 3
+    # How checkpoints are written: "sharded" (each rank writes a share of the whole tensors; distributed.backend
+    # deepspeed only), "full" (rank 0 writes everything), "auto" (sharded under deepspeed, else full). Both
+    # hold the same whole tensors and resume on any process count and backend.
+    checkpoint_format: str = "auto"
     validate_every: int = 0  # 0 = only once, at the end
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 20
@@ -208,6 +213,7 @@ class TrainConfig:
             raise ValueError(f"train.betas={list(self.betas)} must have exactly two values")
         _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_choice("train.checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
         for name in ("grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
@@ -353,6 +359,15 @@ class Config:
                 f"train.compile=true works with distributed.backend none or ddp and sequence_parallel_size 1, "
                 f"not backend={dist_cfg.backend!r} with sequence_parallel_size={dist_cfg.sequence_parallel_size}"
             )
+        if self.train.checkpoint_format == "sharded" and dist_cfg.backend != "deepspeed":
+            raise ValueError(f"train.checkpoint_format=sharded needs distributed.backend=deepspeed, got "
+                             f"{dist_cfg.backend!r}: without ZeRO every rank holds the whole state; use 'full' or 'auto'")
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether each rank writes its share of a checkpoint (train.checkpoint_format, "auto" resolved)."""
+        return self.train.checkpoint_format == "sharded" or (
+            self.train.checkpoint_format == "auto" and self.distributed.backend == "deepspeed")
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -90,7 +90,11 @@ def assert_close(a: dict, b: dict, atol: float, what: str) -> None:
 
 
 def checkpoint(out: Path, step: int, group: str) -> dict[str, torch.Tensor]:
-    return weights(out / "checkpoints" / f"step-{step}" / f"{group}.safetensors")
+    """A tensor group of a checkpoint, whole: one file ("full") or every rank's shard files ("sharded")."""
+    from t2v.train.checkpoint import load_checkpoint
+
+    tensors, _ = load_checkpoint(str(out / "checkpoints" / f"step-{step}"))
+    return {k: v.float() for k, v in tensors[group].items()}
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +199,12 @@ def test_zero2_ranks_agree_and_match_one_process(zero2_run, reference):
     assert_close(checkpoint(zero2_run, STEPS, "optimizer"), checkpoint(reference, STEPS, "optimizer"), 1e-5,
                  "zero2 optimizer state (whole AdamW moments)")
     assert_close(checkpoint(zero2_run, STEPS, "ema"), checkpoint(reference, STEPS, "ema"), 1e-5, "zero2 EMA")
+    # Sharded by default under ZeRO: each rank wrote its share; state.json lists every file with its checksum.
+    folder = zero2_run / "checkpoints" / f"step-{STEPS}"
+    shards = sorted(path.name for path in folder.glob("*.safetensors"))
+    assert [name for name in shards if name.startswith("model.")] == ["model.00000-000.safetensors",
+                                                                      "model.00001-000.safetensors"]
+    assert sorted(json.loads((folder / "state.json").read_text())["_files"]) == shards
 
 
 # RANK_DUMP with a NaN loss on one rank's loss call number `call` (0-based, counted per process).
@@ -372,9 +382,11 @@ def test_zero2_bf16_resume_is_exact(workdir):
     straight = train(2, root / "bf16_straight", manifest, "scripts/train.py", *zero2_bf16)
     resumed = resume(2, straight, root / "bf16_resumed", manifest, *zero2_bf16)
     model = checkpoint(straight, STEPS, "model")
+    from t2v.train.checkpoint import load_checkpoint
+
+    saved, _ = load_checkpoint(str(straight / "checkpoints" / f"step-{STEPS}"))
     for group in ("model", "ema"):  # fp32 masters, and an EMA kept over them, not over the module's bf16 copies
-        assert all(value.dtype == torch.float32 for value in load_file(
-            str(straight / "checkpoints" / f"step-{STEPS}" / f"{group}.safetensors")).values()), group
+        assert all(value.dtype == torch.float32 for value in saved[group].values()), group
     assert_same_run(resumed, straight, "zero2 bf16 resume")
     assert any(not torch.equal(checkpoint(straight, 2, "model")[k], model[k]) for k in model)
 

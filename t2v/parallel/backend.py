@@ -7,13 +7,15 @@ The loop makes the same calls on either backend:
         backend.backward(out.loss, last)
     skipped, grad_norm = backend.step(loss)              # clip, AdamW, LR schedule; or skip a non-finite update
     model_state, optimizer_state = backend.full_state()  # whole, unwrapped tensors for a checkpoint (collective)
+    stream, meta = backend.state_stream()                # ZeRO: the same, one tensor at a time (collective)
     backend.load_full_state(model_state, optimizer_state)
     with backend.gathered(): ...                         # whole parameters in the module (ZeRO-3; collective)
 
 The caller builds AdamW, LR schedule and EMA (`make_optimizer(groups)`, `make_scheduler(optimizer)`,
 `make_ema(params, decay)`), so both backends step the same optimizer: ZeRO wraps it around its flat fp32
 partitions and keeps its own EMA sharded like them (t2v.parallel.zero_ema). Checkpoints hold the same whole
-tensors under either backend, so a run resumes under the other one.
+tensors under either backend, so a run resumes under the other one; under ZeRO `state_stream` hands them
+over one at a time, so that each rank keeps only its share of a sharded checkpoint.
 """
 
 from __future__ import annotations
@@ -165,6 +167,26 @@ class ZeroBackend(Backend):
         from t2v.parallel import deepspeed_engine
 
         return deepspeed_engine.gathered(self.engine)
+
+    def state_stream(self):
+        """(every checkpoint tensor as (group, name, whole CPU tensor), one at a time and in the same order on
+        every rank; JSON meta: "optimizer" param groups and scalars, "ema" settings). Collective: every rank
+        runs the stream to the end. Groups: "model" (fp32 masters), "optimizer" (flattened as
+        `t2v.train.checkpoint.flatten_optimizer_state` does), "ema"."""
+        from t2v.parallel import deepspeed_engine
+
+        meta = {"optimizer": {"param_groups": deepspeed_engine.optimizer_groups(self.engine, self.groups),
+                              "scalars": {}}}
+        if self.ema is not None:
+            meta["ema"] = self.ema.meta()
+
+        def stream():
+            yield from deepspeed_engine.state_tensors(self.engine, self.groups)
+            if self.ema is not None:
+                for name, tensor in self.ema.tensors():
+                    yield "ema", name, tensor
+
+        return stream(), meta
 
 
 def build_backend(model: nn.Module, params: list[tuple[str, nn.Parameter]], groups: list[dict], cfg: Config,

@@ -6,10 +6,11 @@ micro-batch size, gradient accumulation, clipping, bf16, AdamW lr / betas / weig
 the caller's (`make_optimizer`, the one the trainer builds without DeepSpeed too); a JSON that names an
 "optimizer" gets DeepSpeed's with `"torch_adam": true`, so nothing is compiled for it either way.
 
-Checkpoints stay in the trainer's format: the full fp32 master weights (`safe_get_full_fp32_param`,
-gathered over ranks) and the full AdamW moments (`safe_get_full_optimizer_state`) in torch's AdamW
+Checkpoints stay in the trainer's format: whole fp32 master weights (`safe_get_full_fp32_param`,
+gathered over ranks) and whole AdamW moments (`safe_get_full_optimizer_state`) in torch's AdamW
 `state_dict` layout, so a ZeRO run resumes on another process count, or without DeepSpeed at all.
-`full_state` and `load_full_state` are collective: every rank calls them.
+`state_tensors` yields them one tensor at a time (a sharded save keeps only its share), `full_state`
+collects them all. `state_tensors`, `full_state` and `load_full_state` are collective: every rank calls them.
 """
 
 from __future__ import annotations
@@ -188,35 +189,67 @@ def _link_moments(engine) -> None:
         engine.optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def full_state(engine, param_groups: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
-    """(model state dict with fp32 master weights, torch AdamW state dict), whole, on every rank."""
+def _gathered_one(param: torch.Tensor):
+    """Context with one ZeRO-3 parameter whole on every rank (collective); nothing to do otherwise."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+
+
+def _adam_step(engine) -> torch.Tensor | None:
+    """AdamW's step count (the same in every flat partition), or None before the first update."""
+    steps = [s["step"] for s in inner_optimizer(engine).state.values() if "step" in s]
+    return torch.as_tensor(steps[0], dtype=torch.float32).clone().cpu() if steps else None
+
+
+def state_tensors(engine, param_groups: list[dict]):
+    """("model" | "optimizer", name, whole CPU tensor), one tensor at a time, the same sequence on every rank
+    (collective: every rank runs it to the end). "model": the module's state dict with the fp32 masters of
+    trained parameters; "optimizer": "{index}.{key}" as torch's AdamW `state_dict` numbers its parameters."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     module = plain_module(engine)
-    with gathered(engine):
-        model = {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
-    names = {id(p): name for name, p in module.named_parameters()}
     ordered = _ordered(param_groups)
-    inner = inner_optimizer(engine)
-    steps = [s["step"] for s in inner.state.values() if "step" in s]
-    step = torch.as_tensor(steps[0], dtype=torch.float32).clone().cpu() if steps else None
-    if step is not None:
-        _link_moments(engine)
-    state = {}
+    trained = {id(p) for p in ordered}
+    for name, value in module.state_dict(keep_vars=True).items():
+        if id(value) in trained:
+            whole = safe_get_full_fp32_param(value).detach().cpu().clone()
+        else:
+            with _gathered_one(value):
+                whole = value.detach().cpu().clone()
+        yield "model", name, whole
+    step = _adam_step(engine)
+    if step is None:
+        return
+    _link_moments(engine)
     for index, param in enumerate(ordered):
-        master = safe_get_full_fp32_param(param)
-        if master is not None:
-            model[names[id(param)]] = master.detach().cpu().clone()
-        if step is not None:
-            state[index] = {key: safe_get_full_optimizer_state(param, key).detach().cpu().clone() for key in ADAM_KEYS}
-            state[index]["step"] = step.clone()
+        for key in ADAM_KEYS:
+            yield "optimizer", f"{index}.{key}", safe_get_full_optimizer_state(param, key).detach().cpu().clone()
+        yield "optimizer", f"{index}.step", step.clone()
+
+
+def optimizer_groups(engine, param_groups: list[dict]) -> list[dict]:
+    """The AdamW param groups as torch's `state_dict` has them: settings, and parameter indices in order."""
     counts = [len(group["params"]) for group in param_groups]
     starts = [sum(counts[:i]) for i in range(len(counts))]
-    groups = [
+    return [
         {**_group_settings(inner_group), "params": list(range(start, start + count))}
-        for inner_group, start, count in zip(inner.param_groups, starts, counts)
+        for inner_group, start, count in zip(inner_optimizer(engine).param_groups, starts, counts)
     ]
-    return model, {"state": state, "param_groups": groups}
+
+
+def full_state(engine, param_groups: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model state dict with fp32 master weights, torch AdamW state dict), whole, on every rank (collective)."""
+    model, state = {}, {}
+    for group, name, tensor in state_tensors(engine, param_groups):
+        if group == "model":
+            model[name] = tensor
+        else:
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = tensor
+    return model, {"state": state, "param_groups": optimizer_groups(engine, param_groups)}
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ checkpoints move between the two.
 Whole tensors are needed only to save, load and swap in the average. They go through DeepSpeed's own
 per-parameter mapping (`safe_get_full_fp32_param` / `safe_set_full_fp32_param`) with the average placed
 in the master partitions for the moment, so nothing here depends on how ZeRO lays out a partition.
-`state`, `load` and `swapped_in` are collective: every rank calls them.
+`tensors`, `state`, `load` and `swapped_in` are collective: every rank calls them.
 """
 
 from __future__ import annotations
@@ -84,18 +84,24 @@ class ShardedEMA:
                     master.copy_(shadow)
             yield
 
+    def tensors(self):
+        """(name, whole averaged fp32 CPU tensor), one at a time, on every rank (collective: every rank runs
+        it to the end)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        with self._average_in_masters():
+            for name, p in zip(self.names, self.params):
+                yield name, safe_get_full_fp32_param(p).detach().cpu().clone()
+
     def full(self) -> dict[str, torch.Tensor] | None:
         """Whole averaged fp32 tensors by parameter name, on the CPU of rank 0; None on the other ranks, which
         take part in the gathers only (collective)."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        whole = {}
-        with self._average_in_masters():
-            for name, p in zip(self.names, self.params):
-                value = safe_get_full_fp32_param(p)
-                if self.keep_whole:
-                    whole[name] = value.detach().cpu().clone()
+        whole = {name: value for name, value in self.tensors() if self.keep_whole}
         return whole if self.keep_whole else None
+
+    def meta(self) -> dict:
+        """EMAModel's settings and step (JSON)."""
+        return {key: value for key, value in self.model.state_dict().items() if key != "shadow_params"}
 
     def _masters_to_module(self) -> None:
         """Copy what the master partitions hold into the module's whole parameters, one at a time (collective)."""
@@ -120,9 +126,7 @@ class ShardedEMA:
 
     def state(self) -> tuple[dict[str, torch.Tensor] | None, dict]:
         """(whole averaged tensors on rank 0, None elsewhere; EMAModel's settings and step) (collective)."""
-        meta = self.model.state_dict()
-        meta = {key: value for key, value in meta.items() if key != "shadow_params"}
-        return self.full(), meta
+        return self.full(), self.meta()
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         from deepspeed.utils import safe_set_full_fp32_param

@@ -116,7 +116,8 @@ def train(cfg: Config, task: Task) -> TrainState:
     groups = task.param_groups(params, tc) if hasattr(task, "param_groups") else param_groups(params, tc)
     root = ckpt.checkpoint_root(cfg.output_dir)
     if resume_from is not None:  # weights first: ZeRO partitions what the module holds
-        tensors, meta = ckpt.load_checkpoint(resume_from)
+        # Under ZeRO every rank reads the whole checkpoint: mapped, so only what each rank copies out is read.
+        tensors, meta = ckpt.load_checkpoint(resume_from, mapped=cfg.distributed.backend == "deepspeed")
         model.load_state_dict(tensors["model"])
     backend = build_backend(model, params, groups, cfg, device,
                             make_optimizer=functools.partial(build_adamw, cfg=tc),
@@ -141,21 +142,25 @@ def train(cfg: Config, task: Task) -> TrainState:
         rng.restore_or_reseed_rng(tensors["rng"], meta["rng"], {"train": generator}, tc.seed, state.step)
 
     def save() -> None:
+        rng_tensors, rng_meta = rng.gather_rng({"train": generator})  # collective
+        meta = {
+            "train_state": vars(state).copy(),
+            "lr_scheduler": backend.lr_scheduler.state_dict(),
+            "scaler": backend.scaler.state_dict(),
+            "task": task.state_dict(),
+            "rng": rng_meta,
+        }
+        if cfg.sharded_checkpoints:  # every rank writes its share of the whole tensors (collective)
+            stream, backend_meta = backend.state_stream()
+            ckpt.save_sharded(root, state.step, stream, {"rng": rng_tensors}, {**meta, **backend_meta},
+                              keep_last=tc.keep_last)
+            return
         # Collective parts first (every rank), then rank 0 writes whole, unwrapped tensors.
-        rng_tensors, rng_meta = rng.gather_rng({"train": generator})
         model_state, opt_state = backend.full_state()
         ema_state = ema.state() if ema is not None else None  # collective under ZeRO
         if is_main:
-            opt_tensors, opt_meta = ckpt.flatten_optimizer_state(opt_state)
+            opt_tensors, meta["optimizer"] = ckpt.flatten_optimizer_state(opt_state)
             tensors = {"model": model_state, "optimizer": opt_tensors, "rng": rng_tensors}
-            meta = {
-                "train_state": vars(state).copy(),
-                "optimizer": opt_meta,
-                "lr_scheduler": backend.lr_scheduler.state_dict(),
-                "scaler": backend.scaler.state_dict(),
-                "task": task.state_dict(),
-                "rng": rng_meta,
-            }
             if ema_state is not None:
                 tensors["ema"], meta["ema"] = ema_state
             ckpt.save_checkpoint(root, state.step, tensors, meta, keep_last=tc.keep_last)
