@@ -44,8 +44,6 @@ def _stats(channels: int, mean, std, scale) -> dict:
     """`VAEFormat` statistics of normalised = (z - mean) * scale / std; None means 0, 1 and 1."""
     mean = [0.0] * channels if mean is None else [float(m) for m in mean]
     std = [1.0] * channels if std is None else [float(s) for s in std]
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"latents_mean/latents_std have {len(mean)}/{len(std)} values for {channels} latent channels")
     return {"mean": tuple(mean), "std": tuple(std), "scale": 1.0 if scale is None else float(scale)}
 
 
@@ -173,22 +171,25 @@ def check_clip_shape(vae, patch_size: int | tuple[int, int, int], frames: int, h
         raise ValueError(f"num_frames {frames} gives {latent_frames} latent frames, not divisible by patch {p_t}")
 
 
-def _stat_tensors(fmt: VAEFormat, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_stats(vae, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std / scale), each (1, C, 1, 1, 1): normalised latents are (z - mean) / (std / scale)."""
+    fmt = vae_format(vae)
+    if len(fmt.mean) != fmt.channels or len(fmt.std) != fmt.channels:
+        raise ValueError(f"the VAE's latents_mean/latents_std have {len(fmt.mean)}/{len(fmt.std)} values for its "
+                         f"{fmt.channels} latent channels")
     shape = (1, fmt.channels, 1, 1, 1)
-    mean = torch.tensor(fmt.mean, dtype=z.dtype, device=z.device).view(shape)
-    std = torch.tensor(fmt.std, dtype=z.dtype, device=z.device).view(shape)
-    return mean, std  # (1, C, 1, 1, 1) each
+    mean = torch.tensor(fmt.mean, dtype=dtype, device=device).view(shape)
+    std = torch.tensor([s / fmt.scale for s in fmt.std], dtype=dtype, device=device).view(shape)
+    return mean, std
 
 
 def normalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, H, W) VAE latents -> what the transformer sees, (z - mean) * scale / std."""
-    fmt = vae_format(vae)
-    mean, std = _stat_tensors(fmt, z)
-    return (z - mean) * fmt.scale / std
+    """(B, C, T, H, W) VAE latents -> what the transformer sees."""
+    mean, std = latent_stats(vae, z.device, z.dtype)
+    return (z - mean) / std
 
 
 def denormalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
-    """The inverse of `normalize_latents`, z * std / scale + mean: what `vae.decode` takes."""
-    fmt = vae_format(vae)
-    mean, std = _stat_tensors(fmt, z)
-    return z * std / fmt.scale + mean
+    """The inverse of `normalize_latents`: what `vae.decode` takes."""
+    mean, std = latent_stats(vae, z.device, z.dtype)
+    return z * std + mean
