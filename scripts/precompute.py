@@ -16,7 +16,7 @@ import torch
 from t2v.cli import user_errors
 from t2v.data.cache import finalize_cache, write_cache
 from t2v.data.manifest import load_manifest
-from t2v.models.text_encoder import DTYPES
+from t2v.models.text_encoder import DTYPES, TextEmbedder, text_encoder_dtype
 
 
 def load_vae(path: str, device: str):
@@ -31,7 +31,8 @@ def load_vae(path: str, device: str):
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True)
-    parser.add_argument("--vae", required=True, help="folder saved with save_pretrained")
+    parser.add_argument("--vae", required=True, help="VAE folder saved with save_pretrained: ours, or diffusers' "
+                        "Wan, CogVideoX, Hunyuan Video, LTX-Video (0.9.0) or Mochi VAE")
     parser.add_argument("--text-encoder", required=True, help="folder, hub id, 'minilm' or 'tiny-random'")
     parser.add_argument("--out", required=True)
     parser.add_argument("--frames", type=int, required=True)
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--max-length", type=int, default=77, help="text tokens")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype the cache stores")
     parser.add_argument("--text-encoder-dtype", choices=sorted(DTYPES), default="fp32",
-                        help="dtype the text encoder runs in, as model.text_encoder_dtype (fp16 only on a GPU)")
+                        help="dtype the text encoder runs in (fp16 only on a GPU); a training run on the cache "
+                        "sets the same model.text_encoder_dtype, as the cache's text fingerprint tells")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--columns", type=json.loads, default=None,
                         help='column mapping as JSON, e.g. \'{"path": "video", "caption": "caption"}\'')
@@ -54,12 +56,10 @@ def main(argv: list[str] | None = None):
 
 
 def run(args) -> None:
-    from t2v.models.text_encoder import TextEmbedder, text_encoder_dtype
-
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    text_dtype = text_encoder_dtype(args.text_encoder_dtype, device)  # refused before any model is loaded
     vae = load_vae(args.vae, device)
-    text_dtype = text_encoder_dtype(args.text_encoder_dtype, device)
     text_embedder = TextEmbedder.from_pretrained(args.text_encoder, max_length=args.max_length, dtype=text_dtype)
     text_embedder = text_embedder.to(device)
     write_cache(

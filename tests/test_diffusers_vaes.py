@@ -163,6 +163,7 @@ def test_pipeline_samples_with_the_vae(name):
 
 @pytest.mark.parametrize("name", [n for n in VAES if n != "wan"])  # Wan: tests/test_train.py
 def test_trainer_trains_on_a_vae_folder(tmp_path, manifest, name):
+    from pipelines import T2VPipeline
     from t2v.config import load_config
     from t2v.train import trainer
     from t2v.train.dit_task import DiTTask
@@ -182,6 +183,10 @@ def test_trainer_trains_on_a_vae_folder(tmp_path, manifest, name):
     assert losses and all(math.isfinite(loss) for loss in losses)
     model_index = json.loads((tmp_path / "run" / "pipeline" / "model_index.json").read_text())
     assert model_index["vae"] == ["diffusers", type(vae).__name__]
+    pipe = T2VPipeline.from_pretrained(tmp_path / "run" / "pipeline")  # the exported pipeline samples its clips
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle", num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert out.frames.shape == (1, 1 + step, 3, size, size)
 
 
 @pytest.mark.parametrize("name", VAES)
@@ -206,6 +211,7 @@ def test_precompute_text_encoder_dtype(tmp_path, manifest, precompute, capsys):
     """--text-encoder-dtype runs the encoder in bf16 (the cache records another text fingerprint); fp16 is
     refused on the CPU as model.text_encoder_dtype=fp16 is."""
     from t2v.data.cache import LatentCache
+    from t2v.models.text_encoder import TextEmbedder, text_encoder_dtype
 
     tiny_vae().save_pretrained(tmp_path / "vae")
     texts, fingerprints = {}, {}
@@ -219,6 +225,9 @@ def test_precompute_text_encoder_dtype(tmp_path, manifest, precompute, capsys):
     assert not torch.equal(texts["fp32"], texts["bf16"])
     torch.testing.assert_close(texts["bf16"], texts["fp32"], rtol=0.05, atol=0.05)
     assert fingerprints["fp32"].text_encoder != fingerprints["bf16"].text_encoder
+    # What a run with model.text_encoder_dtype=bf16 expects of the cache (DiTTask's text embedder).
+    bf16 = TextEmbedder.from_pretrained("tiny-random", max_length=8, dtype=text_encoder_dtype("bf16", "cpu"))
+    assert bf16.fingerprint() == fingerprints["bf16"].text_encoder
     assert fingerprints["fp32"].vae == fingerprints["bf16"].vae
 
     if torch.cuda.is_available():
