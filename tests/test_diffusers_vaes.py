@@ -242,21 +242,32 @@ def test_precompute_text_encoder_dtype(tmp_path, manifest, precompute, capsys):
 
 
 def test_vaes_refused_name_the_class_and_what_is_missing(tmp_path, manifest, precompute, capsys):
+    from t2v.config import load_config
+    from t2v.train.dit_task import DiTTask
+
     # A class with no description is refused by name before any weight is read.
     (tmp_path / "allegro").mkdir()
     (tmp_path / "allegro" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLAllegro"}))
     with pytest.raises(ValueError, match="VAE class AutoencoderKLAllegro is not one T2V can use.*known: Causal"):
         load_vae(str(tmp_path / "allegro"), seed=0)
-    # LTX-Video 0.9.1+ decodes at a timestep with noise, which T2VPipeline has no setting for.
-    tiny_ltx_video(timestep_conditioning=True).save_pretrained(tmp_path / "ltx")
-    with pytest.raises(ValueError, match="AutoencoderKLLTXVideo with timestep_conditioning=True"):
-        load_vae(str(tmp_path / "ltx"), seed=0)
     with pytest.raises(SystemExit):
-        precompute.main(["--manifest", manifest, "--vae", str(tmp_path / "ltx"), "--text-encoder", "tiny-random",
-                         "--out", str(tmp_path / "cache"), "--frames", "5", "--height", "16", "--width", "16"])
+        precompute.main(["--manifest", manifest, "--vae", str(tmp_path / "allegro"), "--text-encoder",
+                         "tiny-random", "--out", str(tmp_path / "cache"), "--frames", "5", "--height", "16",
+                         "--width", "16"])
     assert "precompute.py: error: VAE folder" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="timestep_conditioning=True"):
-        tiny_pipeline(vae=tiny_ltx_video(timestep_conditioning=True))
+    # LTX-Video 0.9.1+ decodes at a timestep with noise, which T2VPipeline has no setting for: its latents are
+    # cached, but sampling and training (validation, the exported pipeline) are refused up front.
+    ltx = tiny_ltx_video(timestep_conditioning=True)
+    ltx.save_pretrained(tmp_path / "ltx")
+    precompute.main(["--manifest", manifest, "--vae", str(tmp_path / "ltx"), "--text-encoder", "tiny-random",
+                     "--out", str(tmp_path / "cache"), "--frames", "5", "--height", "16", "--width", "16",
+                     "--num-workers", "0", "--max-length", "8"])
+    with pytest.raises(ValueError, match="AutoencoderKLLTXVideo with timestep_conditioning=True"):
+        DiTTask(load_config(str(ROOT / "configs" / "train" / "debug.yaml"), [
+            f"data.manifest={manifest}", f"output_dir={tmp_path / 'run'}", f"model.vae={tmp_path / 'ltx'}"]))
+    pipe = tiny_pipeline(vae=ltx)
+    with pytest.raises(ValueError, match="timestep_conditioning=True.*T2VPipeline has no setting"):
+        pipe("a red circle", num_frames=5, height=16, width=16)
     # CogVideoX takes 8k+1 frames: 5 would decode to 8.
     with pytest.raises(ValueError, match="num_frames 5 must be 8k\\+1 .*AutoencoderKLCogVideoX decodes"):
         latent_shape(tiny_cogvideox(), 5, 16, 16)

@@ -47,21 +47,19 @@ def load_vae(spec: str, seed: int) -> nn.Module:
 
 def load_vae_folder(path: str) -> nn.Module:
     """A saved VAE of any class T2V can use (`t2v.models.vae_utils.VAE_FORMATS`: ours, Wan, CogVideoX, ...),
-    the class named by `_class_name` in its config.json; ValueError naming the class and what it lacks."""
-    from t2v.models.vae_utils import check_vae_class, vae_format
+    the class named by `_class_name` in its config.json; ValueError naming a class T2V cannot use."""
+    from t2v.models.vae_utils import check_vae_class
 
     with open(os.path.join(path, "config.json")) as f:
         class_name = json.load(f).get("_class_name") or "CausalVideoVAE"
     try:
         check_vae_class(class_name)  # before reading any weights
-        if class_name == "CausalVideoVAE":
-            from t2v.models.vae import CausalVideoVAE as cls
-        else:
-            import diffusers
-
-            cls = getattr(diffusers, class_name)
-        vae = cls.from_pretrained(path)
-        vae_format(vae)  # what only the loaded model tells (e.g. a timestep-conditioned LTX-Video decoder)
     except ValueError as e:
         raise ValueError(f"VAE folder {path!r}: {e}") from None
-    return vae
+    if class_name == "CausalVideoVAE":
+        from t2v.models.vae import CausalVideoVAE as cls
+    else:
+        import diffusers
+
+        cls = getattr(diffusers, class_name)
+    return cls.from_pretrained(path)

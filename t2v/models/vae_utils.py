@@ -38,6 +38,7 @@ class VAEFormat:
     # frames; `frame_rule` says why (CogVideoX decodes them in pairs).
     frame_group: int = 1
     frame_rule: str = ""
+    decode_refusal: str = ""  # why T2VPipeline cannot decode these latents; empty when it can
 
 
 def _stats(channels: int, mean, std, scale) -> dict:
@@ -83,16 +84,16 @@ def _hunyuan_video(vae) -> VAEFormat:  # HunyuanVideoPipeline: z * scaling_facto
 
 def _ltx_video(vae) -> VAEFormat:  # LTXPipeline._normalize_latents: (z - mean) * scaling_factor / std, buffers
     config = vae.config
-    if config.timestep_conditioning:
-        raise ValueError(
-            "AutoencoderKLLTXVideo with timestep_conditioning=True (LTX-Video 0.9.1 and later) decodes at a chosen "
-            "timestep with added noise (LTXPipeline's decode_timestep, decode_noise_scale), which T2VPipeline has "
-            "no setting for; use a VAE without timestep conditioning (LTX-Video 0.9.0)"
-        )
+    refusal = (
+        "AutoencoderKLLTXVideo with timestep_conditioning=True (LTX-Video 0.9.1 and later) decodes at a chosen "
+        "timestep with added noise (LTXPipeline's decode_timestep, decode_noise_scale), which T2VPipeline has no "
+        "setting for; its latents can be cached, but sampling and training need a VAE without timestep "
+        "conditioning (LTX-Video 0.9.0)"
+    ) if config.timestep_conditioning else ""
     channels = int(config.latent_channels)
     mean, std = vae.get_buffer("latents_mean").tolist(), vae.get_buffer("latents_std").tolist()
     return VAEFormat(int(vae.temporal_compression_ratio), int(vae.spatial_compression_ratio), channels,
-                     **_stats(channels, mean, std, config.scaling_factor))
+                     **_stats(channels, mean, std, config.scaling_factor), decode_refusal=refusal)
 
 
 def _mochi(vae) -> VAEFormat:  # MochiPipeline: (z - latents_mean) * scaling_factor / latents_std, or z * scale
@@ -158,9 +159,12 @@ def latent_shape(vae, frames: int, height: int, width: int) -> tuple[int, int, i
 
 def check_clip_shape(vae, patch_size: int | tuple[int, int, int], frames: int, height: int, width: int) -> None:
     """Raise ValueError unless a (frames, height, width) clip gives latents that patches of `patch_size`
-    ((p_t, p_h, p_w), or one int p for (1, p, p)) tile: what a transformer over this VAE's latents can denoise or
-    learn from."""
-    _, fs = vae_scale_factors(vae)
+    ((p_t, p_h, p_w), or one int p for (1, p, p)) tile and that T2VPipeline can decode: what a transformer over
+    this VAE's latents can denoise, or learn from and be sampled with."""
+    fmt = vae_format(vae)
+    if fmt.decode_refusal:
+        raise ValueError(fmt.decode_refusal)
+    fs = fmt.spatial
     p_t, p_h, p_w = patch_dims(patch_size)
     for name, size, patch in (("height", height, p_h), ("width", width, p_w)):
         if size < fs * patch or size % (fs * patch):
