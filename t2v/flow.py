@@ -8,7 +8,7 @@ The model sees timestep = sigma * 1000.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,21 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def num_tokens(latent_size: tuple[int, int, int], patch_size: tuple[int, int, int]) -> int:
-    """Transformer tokens of latents (T, H, W) cut into (p_t, p_h, p_w) patches: the count the shift follows."""
-    (frames, height, width), (p_t, p_h, p_w) = latent_size, patch_size
+def patch_dims(patch_size: int | Sequence[int]) -> tuple[int, int, int]:
+    """(p_t, p_h, p_w) of a patch size given as three ints, or as one int p: (1, p, p), the convention of
+    diffusers' transformers whose patches are spatial (CogVideoX, Hunyuan Video: their `patch_size`)."""
+    if isinstance(patch_size, int):
+        return 1, patch_size, patch_size
+    dims = tuple(patch_size)
+    if len(dims) != 3:
+        raise ValueError(f"patch_size={patch_size} must be one int (spatial) or three (t, h, w)")
+    return dims
+
+
+def num_tokens(latent_size: tuple[int, int, int], patch_size: int | Sequence[int]) -> int:
+    """Transformer tokens of latents (T, H, W) cut into (p_t, p_h, p_w) patches (or (1, p, p) for an int p): the
+    count the shift follows."""
+    (frames, height, width), (p_t, p_h, p_w) = latent_size, patch_dims(patch_size)
     return (frames // p_t) * (height // p_h) * (width // p_w)
 
 

@@ -45,6 +45,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
+from t2v.flow import patch_dims
 from t2v.models.attention import BACKENDS, attention, check_backend
 
 LAYOUTS = ("full", "factorized")
@@ -329,7 +330,7 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         self,
         in_channels: int = 16,
         out_channels: int | None = None,
-        patch_size: tuple[int, int, int] = (1, 2, 2),
+        patch_size: int | tuple[int, int, int] = (1, 2, 2),
         hidden_size: int = 1152,
         num_layers: int = 28,
         num_heads: int = 16,
@@ -353,7 +354,8 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
-        patch_size = tuple(patch_size)
+        patch_size = patch_dims(patch_size)  # one int p means (1, p, p), as in CogVideoX's configs
+        self.register_to_config(patch_size=patch_size)  # so every reader of the config gets (t, h, w)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("hidden_size", hidden_size), ("num_layers", num_layers),
                             ("num_heads", num_heads), ("text_dim", text_dim),

@@ -34,23 +34,32 @@ def build_model(cls, spec: str, kind: str, seed: int) -> nn.Module:
 
 
 def load_vae(spec: str, seed: int) -> nn.Module:
-    """Our `CausalVideoVAE` (preset, YAML or folder) or a diffusers `AutoencoderKLWan` folder.
-
-    A folder's class comes from `_class_name` in its config.json.
-    """
+    """Our `CausalVideoVAE` (preset, YAML or folder) or a diffusers video VAE folder (`load_vae_folder`)."""
     from t2v.models.vae import CausalVideoVAE
 
     path = resolve_model_spec(spec, "vae")
     if os.path.isdir(path):
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
+        if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"model.vae={spec!r} is a folder without config.json")
-        with open(config_file) as f:
-            class_name = json.load(f).get("_class_name")
-        if class_name == "AutoencoderKLWan":
-            from diffusers import AutoencoderKLWan
-
-            return AutoencoderKLWan.from_pretrained(path)
-        if class_name not in (None, "CausalVideoVAE"):
-            raise ValueError(f"VAE folder {path!r} holds a {class_name}; expected CausalVideoVAE or AutoencoderKLWan")
+        return load_vae_folder(path)
     return build_model(CausalVideoVAE, path, "vae", seed)
+
+
+def load_vae_folder(path: str) -> nn.Module:
+    """A saved VAE of any class T2V can use (`t2v.models.vae_utils.VAE_FORMATS`: ours, Wan, CogVideoX, ...),
+    the class named by `_class_name` in its config.json; ValueError naming a class T2V cannot use."""
+    from t2v.models.vae_utils import check_vae_class
+
+    with open(os.path.join(path, "config.json")) as f:
+        class_name = json.load(f).get("_class_name") or "CausalVideoVAE"
+    try:
+        check_vae_class(class_name)  # before reading any weights
+    except ValueError as e:
+        raise ValueError(f"VAE folder {path!r}: {e}") from None
+    if class_name == "CausalVideoVAE":
+        from t2v.models.vae import CausalVideoVAE as cls
+    else:
+        import diffusers
+
+        cls = getattr(diffusers, class_name)
+    return cls.from_pretrained(path)
