@@ -25,7 +25,7 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from safetensors.torch import load_file
 
 import t2v
-from t2v.models.dit import VideoDiT, default_rope_axes_dim, rope_3d
+from t2v.models.dit import FP32_MODULES, VideoDiT, default_rope_axes_dim, in_fp32_modules, rope_3d
 from t2v.models.wan import (
     config_from_wan,
     state_dict_from_wan,
@@ -138,6 +138,52 @@ def test_conversion_back_is_bit_exact(name):
     # Copies, not views: training the converted model leaves the source alone.
     pointers = lambda m: {p.untyped_storage().data_ptr() for p in m.parameters()}  # noqa: E731
     assert not pointers(ours) & pointers(wan) and not pointers(back) & pointers(ours)
+
+
+# Converted without `wan_precision`, the tiny models' bf16 outputs were 2e-2 to 4e-2 off Wan's bf16 outputs (as far
+# as Wan's bf16 is off its fp32); with it, they are Wan's bit for bit on CPU. The tolerance is for other kernels.
+BF16_TOLERANCE = 2e-3
+
+
+def bf16_inputs(config: dict) -> dict:
+    return {key: v.to(torch.bfloat16) if v.is_floating_point() else v for key, v in wan_inputs(config).items()}
+
+
+def fp32_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.dtype == torch.float32}
+
+
+@pytest.mark.parametrize("name", list(TINY_WAN))
+def test_converted_transformer_in_bf16_computes_what_wan_computes(name, tmp_path):
+    """In bf16 as diffusers loads Wan: what it keeps in float32 stays so, and the output is Wan's."""
+    config = TINY_WAN[name]
+    tiny_wan(config).save_pretrained(tmp_path)
+    wan = WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
+    ours = transformer_from_wan(tmp_path, torch.bfloat16)
+    assert ours.config.wan_precision
+    assert_same_state(ours.state_dict(), state_dict_from_wan(wan.state_dict()))  # dtypes too
+    assert fp32_names(ours) == {n for n, _ in ours.named_parameters() if in_fp32_modules(n, FP32_MODULES)} != set()
+    assert max_diff_to_wan(wan, ours, bf16_inputs(config)) <= BF16_TOLERANCE
+    # Cast with `.to`, a float32 model keeps the same tensors in float32; converted back, it is Wan's bf16 model.
+    assert_same_state(transformer_from_wan(tiny_wan(config)).to(torch.bfloat16).state_dict(), ours.state_dict())
+    assert_same_state(transformer_to_wan(ours, config["rope_max_seq_len"]).state_dict(), wan.state_dict())
+    # Without `wan_precision` the same weights, all in bf16 and normalized in float32, compute something else.
+    plain = VideoDiT.from_config({**ours.config, "wan_precision": False})
+    plain.load_state_dict(ours.state_dict())
+    assert max_diff_to_wan(wan, plain.to(torch.bfloat16), bf16_inputs(config)) > 4 * BF16_TOLERANCE
+
+
+def test_saved_wan_precision_model_loads_in_bf16_with_its_float32_modules(tmp_path):
+    ours = transformer_from_wan(tiny_wan(TINY_WAN["1.3b_like"]))
+    ours.save_pretrained(tmp_path)
+    loaded = VideoDiT.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16 and fp32_names(loaded) == fp32_names(ours.to(torch.bfloat16)) != set()
+    assert_same_state(loaded.state_dict(), ours.state_dict())
+    # Models without it are cast whole, as before.
+    plain = VideoDiT.from_config({**ours.config, "wan_precision": False})
+    plain.save_pretrained(tmp_path / "plain")
+    assert fp32_names(VideoDiT.from_pretrained(tmp_path / "plain", torch_dtype=torch.bfloat16)) == set()
+    assert fp32_names(plain.to(torch.bfloat16)) == set()
 
 
 @pytest.mark.parametrize("name", list(REAL_WAN))
@@ -443,9 +489,15 @@ def test_evaluation_generates_on_a_wan_folder(wan_folder, tmp_path):
 
 
 def test_wan_folder_loads_in_the_dtype_asked(wan_folder):
-    """The transformer is cast as its files are read; the other components as diffusers casts them."""
+    """The transformer is cast as its files are read, keeping in float32 what diffusers keeps so when it loads
+    Wan; the other components as diffusers casts them."""
     pipe = T2VPipeline.from_pretrained(wan_folder, dtype=torch.bfloat16)
     assert {pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.bfloat16}
+    wan = WanTransformer3DModel.from_pretrained(wan_folder, subfolder="transformer", torch_dtype=torch.bfloat16)
+    assert_same_state(pipe.transformer.state_dict(), state_dict_from_wan(wan.state_dict()))
+    assert fp32_names(pipe.transformer) == {
+        name for name, _ in pipe.transformer.named_parameters() if in_fp32_modules(name, FP32_MODULES)
+    } != set()
     assert_same_state(pipe.transformer.state_dict(), transformer_from_wan(wan_folder).to(torch.bfloat16).state_dict())
     frames = pipe(prompt="dance monkey", guidance_scale=6.0, **WAN_CALL, latents=latents(1)).frames
     assert frames.shape == (1, 9, 16, 16, 3) and np.isfinite(frames).all()

@@ -23,9 +23,10 @@ Read top to bottom: helpers (timestep embedding, 3D RoPE), attention modules, th
   given frames only approximately; here the sampler holds them (`t2v.flow.denoise`), so they come back
   exactly, and one model does text-to-video, image-to-video and extension by any k frames.
   `add_frame_conditioning` converts a trained unconditioned model exactly.
-- Wan 2.1 (diffusers' `WanTransformer3DModel`) is this model with five switches, whose defaults keep ours:
+- Wan 2.1 (diffusers' `WanTransformer3DModel`) is this model with six switches, whose defaults keep ours:
   QK RMS-norm across all heads, a final modulation of c plus a learned table, text padding attended rather
-  than masked, RoPE angles in float64, and (optionally) no norm before cross-attention. `t2v/models/wan.py`
+  than masked, RoPE angles in float64, (optionally) no norm before cross-attention, and in bf16 the
+  timestep embedder, modulation tables and cross-attention norm kept in float32. `t2v/models/wan.py`
   converts weights both ways.
 """
 
@@ -50,6 +51,9 @@ from t2v.models.attention import BACKENDS, attention, check_backend
 
 LAYOUTS = ("full", "factorized")
 FINAL_MODULATIONS = ("projected", "table")
+# Modules `wan_precision` keeps in float32 (the counterparts of Wan's `_keep_in_fp32_modules`), matched
+# against each part of a parameter's dotted name as diffusers matches them.
+FP32_MODULES = ("time_embed", "modulation", "modulation_out", "norm_cross")
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -112,32 +116,50 @@ def modulate(x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch
     return (norm(x.float()) * (1 + scale.float()) + shift.float()).type_as(x)
 
 
+class Float32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 with float32 weights; the result keeps x's dtype (diffusers' `FP32LayerNorm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
 class RMSNorm(nn.Module):
     """RMS norm of queries or keys (B, heads, N, head_dim): over each head's channels (weight of size
     head_dim), or with `across_heads` over all heads' channels together (weight of size heads * head_dim, as
-    Wan). Returns float32, so that RoPE, which follows, needs no second conversion; the caller casts once."""
+    Wan). Computed in float32 and returned so, so that RoPE, which follows, needs no second conversion; the
+    caller casts once. With `float32=False` computed in the weight's dtype instead, as Wan's `torch.nn.RMSNorm`
+    computes in bf16 (the same in float32, and under autocast with float32 weights)."""
 
-    def __init__(self, dim: int, eps: float, across_heads: bool = False):
+    def __init__(self, dim: int, eps: float, across_heads: bool = False, float32: bool = True):
         super().__init__()
         self.eps = eps
         self.across_heads = across_heads
+        self.float32 = float32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32 if self.float32 else self.weight.dtype
         if not self.across_heads:
-            return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
+            return F.rms_norm(x.to(dtype), self.weight.shape, self.weight.to(dtype), self.eps)
         heads = x.shape[1]
-        x = rearrange(x.float(), "b h n d -> b n (h d)")
-        out = F.rms_norm(x, self.weight.shape, self.weight.float(), self.eps)  # (B, N, heads * head_dim)
+        x = rearrange(x.to(dtype), "b h n d -> b n (h d)")
+        out = F.rms_norm(x, self.weight.shape, self.weight.to(dtype), self.eps)  # (B, N, heads * head_dim)
         return rearrange(out, "b n (h d) -> b h n d", h=heads)
 
 
-def qk_norm_layer(span: str | None, dim: int, num_heads: int, eps: float) -> nn.Module:
-    """The query or key norm: RMS over each head ("per_head"), over all heads ("across_heads"), or none."""
+def qk_norm_layer(span: str | None, dim: int, num_heads: int, eps: float, float32: bool = True) -> nn.Module:
+    """The query or key norm: RMS over each head ("per_head"), over all heads ("across_heads"), or none;
+    computed in float32, or (`float32=False`) in the weight's dtype."""
     if span is None:
         return nn.Identity()
     across = span == "across_heads"
-    return RMSNorm(dim if across else dim // num_heads, eps, across_heads=across)
+    return RMSNorm(dim if across else dim // num_heads, eps, across_heads=across, float32=float32)
+
+
+def in_fp32_modules(name: str, modules: list[str]) -> bool:
+    """Whether parameter `name` belongs to one of `modules`, matched as diffusers matches `_keep_in_fp32_modules`."""
+    return any(module in name.split(".") for module in modules)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,7 +181,10 @@ class SelfAttention(nn.Module):
     `self.attention_fn(q, k, v, mask)`; a hook set by `VideoDiT.set_self_attention_hook` replaces it.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: str | None, eps: float, axis: str, backend: str):
+    def __init__(
+        self, dim: int, num_heads: int, qk_norm: str | None, eps: float, axis: str, backend: str,
+        qk_norm_float32: bool = True,
+    ):  # fmt: skip
         super().__init__()
         self.num_heads = num_heads
         self.axis = axis
@@ -167,8 +192,8 @@ class SelfAttention(nn.Module):
         # Kept out of the module tree: a hook owns no parameters to save.
         self.__dict__["attention_hook"] = None
         self.to_qkv = nn.Linear(dim, 3 * dim)
-        self.norm_q = qk_norm_layer(qk_norm, dim, num_heads, eps)
-        self.norm_k = qk_norm_layer(qk_norm, dim, num_heads, eps)
+        self.norm_q = qk_norm_layer(qk_norm, dim, num_heads, eps, qk_norm_float32)
+        self.norm_k = qk_norm_layer(qk_norm, dim, num_heads, eps, qk_norm_float32)
         self.to_out = nn.Linear(dim, dim)
 
     def attention_fn(
@@ -200,14 +225,16 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention from video tokens to text tokens; tokens masked as padding are not attended."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: str | None, eps: float, backend: str):
+    def __init__(
+        self, dim: int, num_heads: int, qk_norm: str | None, eps: float, backend: str, qk_norm_float32: bool = True
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.backend = backend
         self.to_q = nn.Linear(dim, dim)
         self.to_kv = nn.Linear(dim, 2 * dim)
-        self.norm_q = qk_norm_layer(qk_norm, dim, num_heads, eps)
-        self.norm_k = qk_norm_layer(qk_norm, dim, num_heads, eps)
+        self.norm_q = qk_norm_layer(qk_norm, dim, num_heads, eps, qk_norm_float32)
+        self.norm_k = qk_norm_layer(qk_norm, dim, num_heads, eps, qk_norm_float32)
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
@@ -246,6 +273,7 @@ class VideoDiTBlock(nn.Module):
         cross_attn_norm: bool,
         eps: float,
         backend: str,
+        wan_precision: bool = False,
     ):
         super().__init__()
         axes = ("full",) if layout == "full" else ("spatial", "temporal")
@@ -253,9 +281,13 @@ class VideoDiTBlock(nn.Module):
         # Per-block offset added to the shared timestep modulation (adaLN-single).
         self.modulation = nn.Parameter(torch.zeros(self.num_modulations, dim))
         self.norm_attn = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.self_attns = nn.ModuleList(SelfAttention(dim, num_heads, qk_norm, eps, a, backend) for a in axes)
-        self.norm_cross = nn.LayerNorm(dim, eps=eps) if cross_attn_norm else nn.Identity()
-        self.cross_attn = CrossAttention(dim, num_heads, qk_norm, eps, backend)
+        # With `wan_precision`: QK norms in the weights' dtype and the cross-attention norm in float32, as Wan's.
+        self.self_attns = nn.ModuleList(
+            SelfAttention(dim, num_heads, qk_norm, eps, a, backend, not wan_precision) for a in axes
+        )
+        cross_norm = Float32LayerNorm if wan_precision else nn.LayerNorm
+        self.norm_cross = cross_norm(dim, eps=eps) if cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(dim, num_heads, qk_norm, eps, backend, not wan_precision)
         self.norm_mlp = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.mlp = nn.Sequential(
             nn.Linear(dim, mlp_hidden_size), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden_size, dim)
@@ -274,9 +306,9 @@ class VideoDiTBlock(nn.Module):
         # The tokens are named `hidden_states`, as diffusers' block hooks (first-block cache) look them up.
         x = hidden_states
         # x: (B, N, D); modulation: (B, num_modulations, D) shared across blocks. The gates are fp32, so a
-        # gated sum is fp32; it is kept in the parameters' dtype: an fp32 residual stream for fp32 weights
-        # (autocast training), bf16 tokens for a model loaded in bf16.
-        dtype = self.modulation.dtype
+        # gated sum is fp32; it is kept in the tokens' dtype, which `forward_blocks` sets to the model's: an
+        # fp32 residual stream for fp32 weights (autocast training), bf16 tokens for a model loaded in bf16.
+        dtype = x.dtype
         mod = modulation.float() + self.modulation.float()  # (B, num_modulations, D)
         *attn_mods, mlp_mod = rearrange(mod, "b (g three) d -> g three b 1 d", three=3)
 
@@ -312,6 +344,10 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     - `mask_text_padding`: False attends to every text token, padding included, whatever the mask says.
     - `timestep_freq_dim`: width of the sinusoidal timestep embedding.
     - `rope_float64`: RoPE angles computed in float64 before the float32 cos/sin.
+    - `wan_precision`: the timestep embedder, the modulation tables and the cross-attention norm
+      (`FP32_MODULES`) stay float32 when the model is cast to a lower precision, as diffusers loads Wan (its
+      `_keep_in_fp32_modules`), and compute in float32; the QK norms compute in their weights' dtype, as Wan's.
+      In bf16 the model then computes what Wan computes.
 
     `frame_conditioning`: the input has one more channel after the latents, the given-frame mask (1 on
     latent frames given clean, 0 on frames to generate); build it with `frame_conditioned_input`.
@@ -351,6 +387,7 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         timestep_freq_dim: int = 256,
         rope_float64: bool = False,
         frame_conditioning: bool = False,
+        wan_precision: bool = False,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -397,10 +434,15 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
             raise ValueError(f"final_modulation {final_modulation!r} is unknown; one of {FINAL_MODULATIONS}")
         if not isinstance(frame_conditioning, bool):
             raise ValueError(f"frame_conditioning={frame_conditioning!r} must be True or False")
+        if not isinstance(wan_precision, bool):
+            raise ValueError(f"wan_precision={wan_precision!r} must be True or False")
 
         self.out_channels = out_channels
         self.patch_size = patch_size
         self.rope_axes_dim = axes_dim
+        # Per model, not per class: only a model with `wan_precision` keeps modules in float32 (`_apply`).
+        # diffusers reads it to skip them in layerwise (fp8) casting and when reporting the model's dtype.
+        self._keep_in_fp32_modules = list(FP32_MODULES) if wan_precision else None
         patch_volume = math.prod(patch_size)
 
         # Embedders: patches, the given-frame mask, timestep, pooled text vector, text tokens.
@@ -429,6 +471,7 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
                 cross_attn_norm,
                 eps,
                 attention_backend,
+                wan_precision,
             )
             for _ in range(num_layers)
         )
@@ -447,6 +490,32 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
 
         self.gradient_checkpointing = False
         self.initialize_weights()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`, except that a model with `wan_precision` keeps `FP32_MODULES` in float32
+        whatever dtype is asked: it is read as stored, then cast (diffusers reads `_keep_in_fp32_modules` from
+        the class, where it is None, before the config is known)."""
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if dtype is None or dtype == torch.float32:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if not cls.load_config(pretrained_model_name_or_path, **kwargs).get("wan_precision", False):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        as_stored = {key: value for key, value in kwargs.items() if key not in ("dtype", "torch_dtype")}
+        return super().from_pretrained(pretrained_model_name_or_path, **as_stored).to(dtype)
+
+    def _apply(self, fn, recurse=True):
+        """`nn.Module._apply` (under `.to()`, `.bfloat16()`, `.half()`), except that with `wan_precision` a
+        float32 parameter of `FP32_MODULES` that a cast would lower keeps its float32 values, on the new device."""
+        if not self._keep_in_fp32_modules:
+            return super()._apply(fn, recurse)
+        kept = {name: p.data for name, p in self.named_parameters() if in_fp32_modules(name, self._keep_in_fp32_modules)
+                and p.dtype == torch.float32}  # fmt: skip
+        super()._apply(fn, recurse)
+        for name, p in self.named_parameters():
+            if name in kept and p.dtype != torch.float32:
+                p.data = kept[name].to(p.device)
+        return self
 
     def initialize_weights(self) -> None:
         # All linear layers (patch embedding included, a Linear over flattened patches): Xavier-uniform
@@ -553,7 +622,8 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         """Returns the conditioning vector c (B, D), shared block modulation (B, M, D), text tokens (B, L, D)."""
         dtype = self.patch_embed.weight.dtype
         frequencies = timestep_embedding(timestep, self.config.timestep_freq_dim)  # (B, timestep_freq_dim)
-        cond = self.time_embed(frequencies.to(dtype))  # (B, D)
+        time_dtype = self.time_embed[0].weight.dtype if self.config.wan_precision else dtype
+        cond = self.time_embed(frequencies.to(time_dtype)).to(dtype)  # (B, D)
         if self.pooled_embed is not None:
             cond = cond + self.pooled_embed(pooled_projections.to(dtype))
         modulation = self.adaln(cond).unflatten(1, (-1, self.config.hidden_size))  # (B, M, D)
@@ -571,6 +641,8 @@ class VideoDiT(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
         grid: tuple[int, int, int],
     ) -> torch.Tensor:
         """Run all blocks on tokens (B, N, D), with gradient checkpointing when enabled."""
+        # The residual stream's dtype: the weights' (float32 under autocast, whatever the patch embedding gave).
+        tokens = tokens.to(self.patch_embed.weight.dtype)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(

@@ -2,7 +2,8 @@
 
 A Wan 2.1 T2V transformer is a `VideoDiT` with the full attention layout, no pooled text vector and the Wan
 switches on (`config_from_wan`): QK RMS-norm across heads, final modulation of the time embedding plus a
-learned table, padded text tokens attended, RoPE angles in float64. Every tensor maps to one of ours:
+learned table, padded text tokens attended, RoPE angles in float64, and the modules diffusers keeps in float32
+when it loads Wan in bf16 (`_keep_in_fp32_modules`) kept so too. Every tensor maps to one of ours:
 
     Wan                                            VideoDiT
     patch_embedding (Conv3d, D C pt ph pw)         patch_embed (Linear, D (pt ph pw C))
@@ -29,7 +30,7 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from accelerate import init_empty_weights
@@ -39,7 +40,7 @@ from einops import rearrange
 from safetensors.torch import load_file
 from torch import nn
 
-from t2v.models.dit import VideoDiT, default_rope_axes_dim
+from t2v.models.dit import VideoDiT, default_rope_axes_dim, in_fp32_modules
 
 WAN_CLASS = "WanTransformer3DModel"
 WAN_QK_NORMS = ("rms_norm_across_heads", None)  # diffusers normalizes across heads whichever is set
@@ -97,13 +98,15 @@ def config_from_wan(wan_config: Mapping) -> dict:
         rope_axes_dim=None,  # Wan's split of head_dim over (t, h, w) is our default
         rope_float64=True,
         eps=config["eps"],
+        wan_precision=True,
     )
 
 
 def config_to_wan(model: VideoDiT, rope_max_seq_len: int = WAN_DEFAULTS["rope_max_seq_len"]) -> dict:
     """`WanTransformer3DModel` arguments for a VideoDiT that Wan can express; refuses one it cannot.
 
-    `rope_max_seq_len` bounds the latent frames, height and width (in patches) Wan accepts.
+    `rope_max_seq_len` bounds the latent frames, height and width (in patches) Wan accepts. `wan_precision`
+    is not needed: Wan keeps its modules in float32 whatever this model did.
     """
     config = model.config
     needed = dict(
@@ -247,13 +250,15 @@ def transformer_from_wan(
     wan: WanTransformer3DModel | str | os.PathLike, dtype: torch.dtype | None = None
 ) -> VideoDiT:
     """A VideoDiT equal to a Wan transformer: a loaded model (copied), a saved transformer folder, or a
-    `WanPipeline` folder (its `transformer/`). Weights keep their stored dtype unless `dtype` is given; a folder's
-    are cast file by file as they are read, so a 14B model never exists twice."""
+    `WanPipeline` folder (its `transformer/`). Weights keep their stored dtype unless `dtype` is given, except those
+    diffusers keeps in float32 (`WanTransformer3DModel._keep_in_fp32_modules`); a folder's are cast file by file as
+    they are read, so a 14B model never exists twice."""
+    keep_fp32 = WanTransformer3DModel._keep_in_fp32_modules
     if isinstance(wan, WanTransformer3DModel):
         config = dict(wan.config)
-        state = {k: v.detach().to(dtype or v.dtype, copy=True) for k, v in wan.state_dict().items()}
+        state = {k: cast(k, v.detach(), dtype, keep_fp32).clone() for k, v in wan.state_dict().items()}
     else:
-        config, state = read_model_folder(wan, WAN_CLASS, dtype)
+        config, state = read_model_folder(wan, WAN_CLASS, dtype, keep_fp32)
     return assemble(VideoDiT, config_from_wan(config), state_dict_from_wan(state))
 
 
@@ -283,12 +288,21 @@ def assemble(cls: type[nn.Module], config: dict, state_dict: StateDict) -> nn.Mo
     return model.eval()
 
 
+def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None, keep_fp32: Sequence[str] = ()) -> torch.Tensor:
+    """`tensor` in `dtype` (None: as it is); in float32 if `name` is in one of the modules `keep_fp32`."""
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    if in_fp32_modules(name, keep_fp32):
+        return tensor.to(torch.float32)
+    return tensor.to(dtype)
+
+
 def read_model_folder(
-    path: str | os.PathLike, class_name: str, dtype: torch.dtype | None = None
+    path: str | os.PathLike, class_name: str, dtype: torch.dtype | None = None, keep_fp32: Sequence[str] = ()
 ) -> tuple[dict, StateDict]:
     """Config and safetensors state dict of a saved `class_name`: its folder, or a pipeline folder holding it
     in `transformer/`. Sharded checkpoints (an index file) are read whole; each file is cast to `dtype` (if
-    given) as it is read."""
+    given) as it is read, but for the modules named in `keep_fp32`, cast to float32."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} is not a folder")
@@ -317,5 +331,5 @@ def read_model_folder(
         )
     state = {}
     for file in files:
-        state.update({name: tensor.to(dtype or tensor.dtype) for name, tensor in load_file(file).items()})
+        state.update({name: cast(name, tensor, dtype, keep_fp32) for name, tensor in load_file(file).items()})
     return config, state
