@@ -9,7 +9,13 @@ import torch
 from t2v.eval.frechet import feature_stats, frechet_distance
 from t2v.eval.retrieval import retrieval_metrics, retrieval_ranks
 from t2v.eval.similarity import clipsim, r_precision
-from t2v.eval.temporal import dynamic_degree, motion_magnitude, motion_smoothness, temporal_flicker
+from t2v.eval.temporal import (
+    dynamic_degree,
+    motion_magnitude,
+    motion_smoothness,
+    seam_profile,
+    temporal_flicker,
+)
 
 KEYS = {f"{d}/{m}" for d in ("t2v", "v2t") for m in ("R1", "R5", "R10", "MedR", "MnR")}
 
@@ -232,6 +238,23 @@ def test_small_moving_object_counts_as_motion():
     assert temporal_flicker([video]) == pytest.approx(5.1)
     assert motion_magnitude([video]) == pytest.approx([102.0])
     assert dynamic_degree([video], threshold=10.0) == 1.0
+
+
+def test_seam_profile_finds_a_jump_and_not_a_steady_ramp():
+    # frames 4.. continue frames 0..3 with a jump of 70 where the ramp steps by 10
+    jump, ramp = _video([0, 10, 20, 30, 100, 110, 120]), _video([0, 10, 20, 30, 40, 50, 60])
+    profile = seam_profile([jump, ramp], seam=4)
+    np.testing.assert_allclose(profile["frame_difference"]["seam"], [70.0, 10.0])
+    np.testing.assert_allclose(profile["frame_difference"]["given"], [10.0, 10.0])
+    np.testing.assert_allclose(profile["frame_difference"]["generated"], [10.0, 10.0])
+    # frame 3 predicted as (20 + 100) / 2 = 60 (error 30), frame 4 as (30 + 110) / 2 = 70 (error 30)
+    np.testing.assert_allclose(profile["motion_smoothness"]["seam"], [30.0, 0.0])
+    np.testing.assert_allclose(profile["motion_smoothness"]["given"], [0.0, 0.0])
+    np.testing.assert_allclose(profile["motion_smoothness"]["generated"], [0.0, 0.0])
+    with pytest.raises(ValueError, match="seam 2"):
+        seam_profile([ramp], seam=2)
+    with pytest.raises(ValueError, match="fewer than 3 after seam 5"):
+        seam_profile([ramp], seam=5)
 
 
 def test_temporal_invalid_input():

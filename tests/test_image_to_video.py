@@ -119,6 +119,21 @@ def test_extension_gives_the_first_frames_that_fill_whole_latent_frames(pipe):
     assert _run(pipe, video=start, num_frames=9).shape == (1, 9, 8, 8, 3)
 
 
+def test_shapes_eval_gives_each_prompt_its_own_frames(pipe):
+    from t2v.eval.shapes_eval import generate_frames
+
+    prompts, images = ["a red circle", "a blue square", "a cyan circle"], _frames(3)
+    videos = _frames(9, seed=1).reshape(3, 3, 8, 8, 3)  # 3 given frames per prompt
+    generators = [torch.Generator().manual_seed(s) for s in (3, 4, 5)]
+    direct = (pipe(prompts, image=images, generator=generators).frames * 255).round().clip(0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.stack(generate_frames(pipe, prompts, [3, 4, 5], batch_size=2, image=images)),
+                                  direct)
+    extended = generate_frames(pipe, prompts, [3, 4, 5], batch_size=2, video=videos, num_frames=5)
+    assert len(extended) == 3 and extended[0].shape == (5, 8, 8, 3)
+    with pytest.raises(ValueError, match="2 given images and 3 prompts"):
+        generate_frames(pipe, prompts, [3, 4, 5], image=images[:2])
+
+
 def test_a_conditioned_model_given_nothing_is_the_text_to_video_model():
     plain = tiny_pipeline()
     converted = tiny_pipeline()

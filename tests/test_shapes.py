@@ -457,6 +457,51 @@ def test_prompt_script_renders_the_real_videos(tmp_path):
     assert attribute_accuracy(video[None], [rows[5]["record"]])["all"] == 1.0
 
 
+def test_conditioning_measurement_runs_end_to_end_and_its_seam_metric_sees_a_jump(tmp_path):
+    from helpers import tiny_pipeline
+
+    from t2v.eval.report import write_json
+    from t2v.eval.temporal import seam_profile
+    from t2v.models.dit import add_frame_conditioning
+
+    script = runpy.run_path(f"{SCRIPTS}/measure_conditioning.py")
+    pipe = tiny_pipeline()
+    pipe.transformer = add_frame_conditioning(pipe.transformer)
+    with torch.no_grad():  # move the zero mask embedding, so the mask matters
+        pipe.transformer.frame_mask_embed.weight.normal_(generator=torch.Generator().manual_seed(0))
+    pipe.set_progress_bar_config(disable=True)
+    write_json(str(tmp_path / "out.json"), script["measure"](pipe, clips=2, seed=0, batch_size=2, steps=2))
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["clips"] == 2 and result["steps"] == 2 and set(result["splits"]) == {"train", "heldout"}
+    keys = {"all", "background", "colour", "shape", "size", "motion"}
+    for measured in result["splits"].values():
+        rates = [measured["vae_bound"]["readback"], measured["vae_bound"]["readback_continuation"],
+                 measured["text_to_video"]["readback"], measured["image_to_video"]["readback"],
+                 measured["extension"]["readback_continuation"], measured["real"]["readback_continuation"]]
+        assert all(set(r) == keys and all(v in (0.0, 0.5, 1.0) for v in r.values()) for r in rates)
+        assert measured["real"]["readback_continuation"]["all"] == 1.0  # the read-back of frames 9-16 is exact
+        i2v = measured["image_to_video"]
+        assert 0 < i2v["vae_frame0_psnr_db"] < 100 and 0 < i2v["frame0_psnr_db"] < 100
+        assert 0 < measured["vae_bound"]["psnr_db"] < 100
+        for clip in ("real", "vae_bound", "extension"):
+            profile = measured[clip]["seam"]
+            assert set(profile) == {"frame_difference", "motion_smoothness"}
+            assert all(set(p) == {"given", "seam", "generated"} and all(0 <= v <= 255 for v in p.values())
+                       for p in profile.values())
+    assert "| heldout | extension, frames 9-16 |" in script["table"](result)
+    with pytest.raises(SystemExit, match="is not frame-conditioned"):
+        tiny_pipeline().save_pretrained(tmp_path / "plain")
+        script["main"](["--model", str(tmp_path / "plain"), "--device", "cpu"])
+
+    # A real clip has no seam; frames 9.. of another clip after frames ..8 of this one make a jump.
+    _, real, _ = script["shapes_clips"](6, 0, "train")
+    jumped = np.concatenate([real[:, :9], np.roll(real, 1, axis=0)[:, 9:]], axis=1)
+    smooth, jump = seam_profile(real, 9), seam_profile(jumped, 9)
+    for metric in ("frame_difference", "motion_smoothness"):
+        assert (jump[metric]["seam"] > smooth[metric]["seam"]).all()
+        assert (jump[metric]["seam"] > jump[metric]["generated"]).all()
+
+
 def test_diagnose_finds_binding_swaps_and_unstable_colours():
     from t2v.eval.shapes_diagnosis import diagnose
 

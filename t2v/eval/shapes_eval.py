@@ -13,8 +13,11 @@ from t2v.eval.shapes_readback import attribute_accuracy
 
 @torch.no_grad()
 def generate_frames(pipe, prompts: list[str], seeds: list[int], batch_size: int = 32, pooled: str = "prompt",
-                    **call) -> list[np.ndarray]:
+                    image=None, video=None, **call) -> list[np.ndarray]:
     """uint8 (F, H, W, 3) clips of `prompts`, prompt i with a CPU generator seeded `seeds[i]`.
+
+    `image` (N, H, W, 3) or `video` (N, F, H, W, 3), one per prompt, go with their prompts to a
+    frame-conditioned pipeline (image-to-video, extension).
 
     pooled="empty" is a diagnostic: the prompt's pooled vector (adaLN) is replaced by the empty prompt's, so
     the prompt reaches the DiT only through the per-token states (cross-attention).
@@ -25,6 +28,9 @@ def generate_frames(pipe, prompts: list[str], seeds: list[int], batch_size: int 
         raise ValueError(f"{len(prompts)} prompts and {len(seeds)} seeds must be the same number")
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size} must be at least 1")
+    for name, given in (("image", image), ("video", video)):
+        if given is not None and len(given) != len(prompts):
+            raise ValueError(f"{len(given)} given {name}s and {len(prompts)} prompts must be the same number")
     videos = []
     for b in range(0, len(prompts), batch_size):
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[b : b + batch_size]]
@@ -34,6 +40,9 @@ def generate_frames(pipe, prompts: list[str], seeds: list[int], batch_size: int 
             empty = pipe.encode_prompt([""] * len(text["prompt"]), pipe.device)
             embeds.pooled = empty.pooled
             text = {"prompt_embeds": embeds, "negative_prompt_embeds": empty}
+        for name, given in (("image", image), ("video", video)):
+            if given is not None:
+                text[name] = given[b : b + batch_size]
         frames = pipe(**text, generator=generators, output_type="np", **call).frames  # (B, F, H, W, 3) in [0, 1]
         videos.extend((np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8))
     return videos

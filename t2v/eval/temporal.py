@@ -11,6 +11,8 @@ below is therefore in [0, 255] pixel units; ``as_score=True`` gives VBench's ``1
   the largest 5% of optical-flow magnitudes; the flow-free proxy here averages the largest 5% of
   per-pixel absolute frame differences, so a small moving object on a still background counts as
   motion (the whole-frame mean would dilute it).
+- ``seam_profile``: for a clip continued from frame ``seam`` on (extension), frame difference and
+  motion-smoothness error across the seam beside their means inside the given and the generated part.
 """
 
 from __future__ import annotations
@@ -97,3 +99,36 @@ def dynamic_degree(videos, threshold: float, top_fraction: float = 0.05, per_vid
         raise ValueError(f"threshold must be >= 0 (in [0, 255] pixel units), got {threshold}")
     moving = motion_magnitude(videos, top_fraction) > threshold
     return moving if per_video else float(moving.mean())
+
+
+def seam_profile(videos, seam: int) -> dict[str, dict[str, np.ndarray]]:
+    """Temporal metrics across a seam, per video: frames ``seam``.. continue frames ..``seam - 1``.
+
+    ``{"frame_difference": {...}, "motion_smoothness": {...}}``, each ``{"seam", "given", "generated"}`` of
+    (N,) errors in [0, 255]. frame_difference: the mean absolute difference of frames ``seam - 1`` and
+    ``seam`` ("seam"), and of the consecutive pairs inside frames ``[0, seam)`` ("given") and inside
+    ``[seam, T)`` ("generated"). motion_smoothness: the error of ``(frame[t-1] + frame[t+1]) / 2`` against
+    ``frame[t]`` (as ``motion_smoothness``) averaged over the triples that straddle the seam (t = seam - 1,
+    seam), and over the triples inside each part. A jump at the seam raises "seam" above both parts; a clip
+    with no seam (a real one) gives the reference.
+    """
+    videos = _as_videos(videos, 1)
+    if seam < 3:
+        raise ValueError(f"seam {seam} leaves fewer than 3 given frames; the seam profile needs 3 on each side")
+    out = {name: {part: [] for part in ("seam", "given", "generated")}
+           for name in ("frame_difference", "motion_smoothness")}
+    for i, video in enumerate(videos):
+        if len(video) - seam < 3:
+            raise ValueError(f"video {i} has {len(video)} frames: fewer than 3 after seam {seam}")
+        steps = np.abs(np.diff(video, axis=0)).mean(axis=(1, 2, 3))  # (T - 1,): pair (t, t + 1) at t
+        interpolation = np.abs((video[:-2] + video[2:]) / 2.0 - video[1:-1]).mean(axis=(1, 2, 3))  # (T - 2,): centre t at t - 1
+        parts = {
+            "frame_difference": (steps[seam - 1], steps[: seam - 1], steps[seam:]),
+            "motion_smoothness": (interpolation[seam - 2 : seam].mean(), interpolation[: seam - 2],
+                                  interpolation[seam:]),
+        }
+        for name, (at_seam, given, generated) in parts.items():
+            out[name]["seam"].append(at_seam)
+            out[name]["given"].append(given.mean())
+            out[name]["generated"].append(generated.mean())
+    return {name: {part: np.array(values) for part, values in parts.items()} for name, parts in out.items()}
