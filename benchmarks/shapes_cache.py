@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model or t2v.DEFAULT_MODEL
     batches = -(-len(read_prompts(args.prompts)) // args.batch_size)
-    result = {"model": model, "prompts": args.prompts, "scorer": args.scorer, "batch_size": args.batch_size,
+    result = {"model": args.model or "t2v/assets/default_model", "prompts": args.prompts, "scorer": args.scorer, "batch_size": args.batch_size,
               "thresholds": {}}
     for threshold in args.cache:
         name = "none" if threshold is None else f"{threshold:g}"

@@ -173,7 +173,8 @@ def load_pipeline(model: str, transformer: str | None, device: str):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=t2v.DEFAULT_MODEL, help="pipeline folder (default: the shipped default)")
+    parser.add_argument("--model", default=os.path.relpath(t2v.DEFAULT_MODEL),
+                        help="pipeline folder (default: the shipped default)")
     parser.add_argument("--transformer", default=None,
                         help="frame-conditioned VideoDiT folder replacing the model's, or none (default: the model's)")
     parser.add_argument("--clips", type=int, default=64, help="clips per split")
