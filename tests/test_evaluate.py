@@ -251,3 +251,32 @@ def test_generate_stage_on_two_processes_writes_what_one_does(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two" / "videos").iterdir()) == names
     for name in names:
         assert (tmp_path / "two" / "videos" / name).read_bytes() == (tmp_path / "one" / "videos" / name).read_bytes()
+
+
+def test_cache_benchmark_measures_each_threshold_on_the_same_prompts(clip_dir, tmp_path):
+    """benchmarks/shapes_cache.py: per threshold, the steps whose later blocks ran and the evaluation's metrics."""
+    import importlib.util
+
+    from helpers import tiny_pipeline
+
+    from t2v.data.shapes import make_prompts
+
+    model = tmp_path / "model"
+    tiny_pipeline().save_pretrained(model)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in make_prompts(0, per_category=1)))
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("shapes_cache", root / "benchmarks" / "shapes_cache.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "result.json"
+    assert bench.main(["--prompts", str(prompts), "--model", str(model), "--scorer", f"clip:{clip_dir}",
+                       "--out", str(tmp_path / "cache"), "--cache", "none", "0", "1e9", "--batch-size", "2",
+                       "--device", "cpu", "--json", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())["thresholds"]
+    steps = result["none"]["steps_total"]
+    assert steps == 2 * json.loads((model / "model_index.json").read_text())["generation_defaults"]["num_inference_steps"]
+    assert result["none"]["steps_computed"] == result["0"]["steps_computed"] == steps  # 0 skips nothing
+    assert result["1e+09"]["steps_computed"] < steps  # every step after a batch's first is cached
+    assert result["none"]["all_correct"] == result["0"]["all_correct"]  # threshold 0 gives the same videos
+    assert set(result["none"]["per_category"]) == {"seen", "heldout", "paraphrase", "two_object"}
